@@ -1,0 +1,158 @@
+"""Adam, with the second moment formed from micro-batch statistics."""
+
+from keras import ops
+
+from keras_gradtools import transforms
+from keras_gradtools.optimizers import validation
+from keras_gradtools.optimizers.base import SECOND_MOMENT_MODES
+from keras_gradtools.optimizers.base import GradientPipelineOptimizer
+from keras_gradtools.optimizers.base import pipeline_keyword_args
+from keras_gradtools.registration import register
+
+
+@register
+class Adam(GradientPipelineOptimizer):
+    """Adam (Kingma and Ba, 2014) with accumulation, clipping and noise.
+
+    With `accumulation_steps=1` and no noise this is exactly
+    `keras.optimizers.Adam`. With `K = accumulation_steps > 1`, `g` the
+    clipped, noised mean gradient of a cycle and `t` the update number:
+
+    ```
+    m = beta_1 * m + (1 - beta_1) * g                 bias: 1 - beta_1**t
+    second_moment="macro":  (large-batch Adam)
+        v = beta_2 * v + (1 - beta_2) * g**2          bias: 1 - beta_2**t
+    second_moment="micro":  (the K micro-batches advance v by K steps)
+        W = c**2 * (S / K - g_bar**2)                 within-update variance
+        v = beta_2**K * v + (1 - beta_2**K) * (g**2 + W)
+                                                      bias: 1 - beta_2**(K*t)
+    w = w - lr * m_hat / (sqrt(v_hat) + epsilon)
+    ```
+
+    "micro" keeps the second moment on the scale of a single micro-batch's
+    squared gradient, as unaccumulated Adam at the micro-batch size would
+    see it, at the cost of one more float32 slot per parameter (the sum of
+    squares S). "macro" equals Adam on the large batch of K micro-batches.
+
+    Args:
+        learning_rate: A float, a `LearningRateSchedule` (evaluated on
+            updates) or a callable. Defaults to 0.001.
+        beta_1: Float in [0, 1), defaults to 0.9.
+        beta_2: Float in [0, 1), defaults to 0.999.
+        epsilon: Float >= 0, defaults to 1e-7.
+        amsgrad: Boolean, defaults to `False`. Use the maximum of past
+            second moments (Reddi et al., 2018).
+        second_moment: `"micro"` (default) or `"macro"`, see above. Both are
+            identical when `accumulation_steps=1`.
+        {{pipeline_keyword_args}}
+        **kwargs: `keras.optimizers.Optimizer` arguments (`clipnorm`,
+            `clipvalue`, `global_clipnorm`, `weight_decay`, `use_ema`, ...).
+
+    Example:
+
+    >>> opt = keras_gradtools.Adam(1e-3, accumulation_steps=8,
+    ...                            noise_eta=0.01, global_clipnorm=1.0)
+    >>> model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        second_moment="micro",
+        name="adam",
+        **kwargs,
+    ):
+        beta_1 = validation.check_float("beta_1", beta_1, 0, 1, open_max=True)
+        beta_2 = validation.check_float("beta_2", beta_2, 0, 1, open_max=True)
+        epsilon = validation.check_float("epsilon", epsilon, minimum=0)
+        second_moment = validation.check_choice(
+            "second_moment", second_moment, SECOND_MOMENT_MODES
+        )
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.amsgrad = bool(amsgrad)
+        self.second_moment = second_moment
+
+    @property
+    def _reads_micro_variance(self):
+        return self.second_moment == "micro" and self.accumulation_steps > 1
+
+    @property
+    def _second_moment_decay(self):
+        """beta_2 per update: beta_2**K in "micro" mode, else beta_2."""
+        if self._reads_micro_variance:
+            return self.beta_2**self.accumulation_steps
+        return self.beta_2
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._momentums, self._velocities = self.add_optimizer_variables(
+            variables, ["momentum", "velocity"]
+        )
+        if self.amsgrad:
+            self._velocity_hats = self.add_optimizer_variables(
+                variables, "velocity_hat"
+            )
+
+    def update_step(
+        self, gradient, variable, learning_rate, micro_batch_variance=None
+    ):
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        gradient = ops.cast(gradient, dtype)
+        beta_2 = self._second_moment_decay
+        local_step = ops.cast(self.iterations + 1, dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
+        beta_2_power = ops.power(ops.cast(beta_2, dtype), local_step)
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+
+        index = self._get_variable_index(variable)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        if micro_batch_variance is None:
+            second = ops.square(gradient)
+        else:
+            second = transforms.micro_second_moment_input(
+                gradient, ops.cast(micro_batch_variance, dtype)
+            )
+        new_m = m + ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1)
+        new_v = v + ops.multiply(ops.subtract(second, v), 1 - beta_2)
+        self.assign(m, new_m)
+        self.assign(v, new_v)
+        if self.amsgrad:
+            v_hat = self._velocity_hats[index]
+            new_v = ops.maximum(v_hat, new_v)
+            self.assign(v_hat, new_v)
+        self.assign_sub(
+            variable,
+            ops.divide(
+                ops.multiply(new_m, alpha),
+                ops.add(ops.sqrt(new_v), self.epsilon),
+            ),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "second_moment": self.second_moment,
+            }
+        )
+        return config
+
+
+Adam.__doc__ = Adam.__doc__.replace(
+    "{{pipeline_keyword_args}}", pipeline_keyword_args
+)

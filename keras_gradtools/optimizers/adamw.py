@@ -1,0 +1,64 @@
+"""AdamW: Adam with decoupled weight decay."""
+
+from keras_gradtools.optimizers.adam import Adam
+from keras_gradtools.optimizers.base import pipeline_keyword_args
+from keras_gradtools.registration import register
+
+
+@register
+class AdamW(Adam):
+    """AdamW (Loshchilov and Hutter, 2019) with accumulation, clipping, noise.
+
+    Adam whose weight decay is decoupled from the gradient: once per update,
+    before the Adam step, `w = w - learning_rate * weight_decay * w`. With
+    `accumulation_steps=1` and no noise this is exactly
+    `keras.optimizers.AdamW`.
+
+    Args:
+        learning_rate: A float, a `LearningRateSchedule` (evaluated on
+            updates) or a callable. Defaults to 0.001.
+        weight_decay: Float >= 0, defaults to 0.004.
+        beta_1, beta_2, epsilon, amsgrad, second_moment: As for
+            `keras_gradtools.Adam`.
+        {{pipeline_keyword_args}}
+        **kwargs: `keras.optimizers.Optimizer` arguments.
+
+    Example:
+
+    >>> opt = keras_gradtools.AdamW(1e-3, weight_decay=0.01,
+    ...                             accumulation_steps=4)
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        weight_decay=0.004,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        second_moment="micro",
+        name="adamw",
+        **kwargs,
+    ):
+        if weight_decay is None:
+            raise ValueError(
+                "`weight_decay` must be a float >= 0 for AdamW (use Adam for "
+                "no weight decay). Received: weight_decay=None"
+            )
+        super().__init__(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=amsgrad,
+            second_moment=second_moment,
+            name=name,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
+
+
+AdamW.__doc__ = AdamW.__doc__.replace(
+    "{{pipeline_keyword_args}}", pipeline_keyword_args
+)

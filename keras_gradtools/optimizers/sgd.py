@@ -1,0 +1,89 @@
+"""Stochastic gradient descent with momentum, behind the gradient pipeline."""
+
+from keras import ops
+
+from keras_gradtools.optimizers import validation
+from keras_gradtools.optimizers.base import GradientPipelineOptimizer
+from keras_gradtools.optimizers.base import pipeline_keyword_args
+from keras_gradtools.registration import register
+
+
+@register
+class SGD(GradientPipelineOptimizer):
+    """Gradient descent (with momentum) with accumulation, clipping, noise.
+
+    With `accumulation_steps=1` and no noise this is exactly
+    `keras.optimizers.SGD`. The update rule, with `g` the clipped, noised
+    mean gradient of the cycle:
+
+    ```
+    velocity = momentum * velocity - learning_rate * g
+    w = w + velocity                                    # nesterov=False
+    w = w + momentum * velocity - learning_rate * g     # nesterov=True
+    ```
+
+    Args:
+        learning_rate: A float, a `LearningRateSchedule` (evaluated on
+            updates, not micro-batches) or a callable. Defaults to 0.01.
+        momentum: Float in [0, 1], defaults to 0.
+        nesterov: Boolean, defaults to `False`.
+        {{pipeline_keyword_args}}
+        **kwargs: `keras.optimizers.Optimizer` arguments (`clipnorm`,
+            `clipvalue`, `global_clipnorm`, `weight_decay`, `use_ema`, ...).
+
+    Example:
+
+    >>> opt = keras_gradtools.SGD(0.1, momentum=0.9, accumulation_steps=4)
+    >>> model.compile(optimizer=opt, loss="mse")
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.0,
+        nesterov=False,
+        name="SGD",
+        **kwargs,
+    ):
+        momentum = validation.check_float("momentum", momentum, 0, 1)
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum = momentum
+        self.nesterov = bool(nesterov)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = []
+        if self.momentum != 0:
+            self.momentums = self.add_optimizer_variables(variables, "momentum")
+
+    def update_step(
+        self, gradient, variable, learning_rate, micro_batch_variance=None
+    ):
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        step = ops.multiply(gradient, learning_rate)
+        if self.momentum == 0:
+            self.assign_sub(variable, step)
+            return
+        m = self.momentums[self._get_variable_index(variable)]
+        momentum = ops.cast(self.momentum, variable.dtype)
+        velocity = ops.subtract(ops.multiply(m, momentum), step)
+        self.assign(m, velocity)
+        if self.nesterov:
+            self.assign_add(
+                variable, ops.subtract(ops.multiply(velocity, momentum), step)
+            )
+        else:
+            self.assign_add(variable, velocity)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"momentum": self.momentum, "nesterov": self.nesterov})
+        return config
+
+
+SGD.__doc__ = SGD.__doc__.replace(
+    "{{pipeline_keyword_args}}", pipeline_keyword_args
+)

@@ -1,0 +1,100 @@
+"""Argument checks run at construction time.
+
+Each check raises a `ValueError` that names the argument, the value received
+and the accepted range, so a bad setting never surfaces later as a stack
+trace from inside a compiled update.
+"""
+
+import math
+import numbers
+
+
+def check_int(name, value, minimum):
+    """Returns `value` if it is an integer >= `minimum` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def check_float(
+    name, value, minimum=None, maximum=None, open_min=False, open_max=False
+):
+    """Returns `float(value)` if it is a finite real number in range.
+
+    Args:
+        name: The argument's name, for the error message.
+        value: The value to check.
+        minimum, maximum: Optional bounds.
+        open_min, open_max: Whether the bound itself is excluded.
+    """
+    low = "" if minimum is None else ("(" if open_min else "[") + f"{minimum}"
+    high = "" if maximum is None else f"{maximum}" + (")" if open_max else "]")
+    accepted = _describe_range(minimum, maximum, low, high)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"`{name}` must be a float {accepted}. Received: {name}={value!r}"
+        )
+    value = float(value)
+    too_low = minimum is not None and (
+        value <= minimum if open_min else value < minimum
+    )
+    too_high = maximum is not None and (
+        value >= maximum if open_max else value > maximum
+    )
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(
+            f"`{name}` must be a float {accepted}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_optional_positive(name, value):
+    """Returns `None` or a float > 0 (used for the clipping thresholds)."""
+    if value is None:
+        return None
+    return check_float(name, value, minimum=0.0, open_min=True)
+
+
+def check_choice(name, value, choices):
+    """Returns `value` if it is one of `choices`."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(
+            f"`{name}` must be one of {options}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_optional_seed(name, value):
+    """Returns `None` or an integer seed in [0, 2**31 - 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"`{name}` must be None or an integer in [0, 2147483647]. "
+            f"Received: {name}={value!r}"
+        )
+    if not 0 <= value <= 2**31 - 1:
+        raise ValueError(
+            f"`{name}` must be None or an integer in [0, 2147483647]. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def _describe_range(minimum, maximum, low, high):
+    if minimum is not None and maximum is not None:
+        return f"in {low}, {high}"
+    if minimum is not None:
+        return f"{'>' if low.startswith('(') else '>='} {minimum}"
+    if maximum is not None:
+        return f"{'<' if high.endswith(')') else '<='} {maximum}"
+    return "(any finite value)"

@@ -1,0 +1,201 @@
+"""Gives any Keras optimizer the gradient pipeline ("macro" semantics)."""
+
+from keras import optimizers
+from keras import saving
+
+from keras_gradtools.optimizers.base import GradientPipelineOptimizer
+from keras_gradtools.optimizers.base import pipeline_keyword_args
+from keras_gradtools.optimizers.control_flow import run_if
+from keras_gradtools.registration import register
+
+_INNER_SETTINGS_WE_OWN = (
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "gradient_accumulation_steps",
+)
+
+
+@register
+class GradientPipelineWrapper(GradientPipelineOptimizer):
+    """Wraps a Keras optimizer with accumulation, clipping and noise.
+
+    The wrapper holds the inner optimizer the way
+    `keras.optimizers.LossScaleOptimizer` does: it accumulates the
+    micro-batch gradients, clips their mean, adds noise, and hands the
+    result to the inner optimizer's public `apply` once per update. The
+    inner rule therefore sees the large-batch gradient ("macro" semantics).
+    Use `keras_gradtools.wrap(...)` to create one.
+
+    Args:
+        inner_optimizer: A `keras.optimizers.Optimizer` (or its string
+            name) without clipping or gradient accumulation of its own.
+        clipnorm, clipvalue, global_clipnorm: Optional floats > 0, applied
+            to the mean gradient at update time (at most one of them).
+        {{pipeline_keyword_args}}
+        name: Optional name.
+
+    Example:
+
+    >>> opt = keras_gradtools.wrap(keras.optimizers.Lion(1e-4),
+    ...                            accumulation_steps=4, noise_eta=1e-3)
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        accumulation_steps=None,
+        noise_eta=0.0,
+        noise_gamma=0.55,
+        noise_seed=None,
+        clip_micro_batches=False,
+        on_nonfinite="skip",
+        track_gradient_statistics=False,
+        jit_compile=True,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        gradient_accumulation_steps=None,
+        name=None,
+    ):
+        inner_optimizer = _check_inner(inner_optimizer)
+        super().__init__(
+            learning_rate=0.0,
+            accumulation_steps=accumulation_steps,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            noise_eta=noise_eta,
+            noise_gamma=noise_gamma,
+            noise_seed=noise_seed,
+            clip_micro_batches=clip_micro_batches,
+            on_nonfinite=on_nonfinite,
+            track_gradient_statistics=track_gradient_statistics,
+            jit_compile=jit_compile,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            loss_scale_factor=inner_optimizer.loss_scale_factor,
+            name=name,
+        )
+        self.inner_optimizer = inner_optimizer
+        # The wrapper unscales the loss before accumulating; the inner
+        # optimizer must not do it a second time.
+        self.inner_optimizer.loss_scale_factor = None
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.inner_optimizer.build(variables)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    def _apply_rule(self, grads, variables, micro_variances):
+        self.inner_optimizer.apply(grads, variables)
+
+    def _run_gated(self, gate, fn):
+        # The inner optimizer writes its variables directly, so a skipped
+        # update must not run at all.
+        if gate is None:
+            fn()
+        else:
+            run_if(gate, fn)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+            "accumulation_steps": self.accumulation_steps,
+            "noise_eta": self.noise_eta,
+            "noise_gamma": self.noise_gamma,
+            "noise_seed": self.noise_seed,
+            "clip_micro_batches": self.clip_micro_batches,
+            "on_nonfinite": self.on_nonfinite,
+            "track_gradient_statistics": self.track_gradient_statistics,
+            "jit_compile": self.jit_compile,
+            "clipnorm": self.clipnorm,
+            "clipvalue": self.clipvalue,
+            "global_clipnorm": self.global_clipnorm,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
+
+GradientPipelineWrapper.__doc__ = GradientPipelineWrapper.__doc__.replace(
+    "{{pipeline_keyword_args}}", pipeline_keyword_args
+)
+
+
+def wrap(optimizer, **kwargs):
+    """Gives any Keras optimizer accumulation, clipping, noise and statistics.
+
+    Args:
+        optimizer: A `keras.optimizers.Optimizer` instance or a name that
+            `keras.optimizers.get` understands (e.g. `"lion"`).
+        **kwargs: The arguments of `GradientPipelineWrapper`:
+            `accumulation_steps`, `noise_eta`, `noise_gamma`, `noise_seed`,
+            `clipnorm`, `clipvalue`, `global_clipnorm`,
+            `clip_micro_batches`, `on_nonfinite`,
+            `track_gradient_statistics`, `jit_compile`, `name`.
+
+    Returns:
+        A `GradientPipelineWrapper` around `optimizer`.
+
+    Example:
+
+    >>> opt = keras_gradtools.wrap(keras.optimizers.RMSprop(1e-3),
+    ...                            accumulation_steps=4, global_clipnorm=1.0)
+    >>> model.compile(optimizer=opt, loss="mse")
+    """
+    return GradientPipelineWrapper(optimizer, **kwargs)
+
+
+def _check_inner(inner_optimizer):
+    if isinstance(inner_optimizer, str):
+        inner_optimizer = optimizers.get(inner_optimizer)
+    if not isinstance(inner_optimizer, optimizers.Optimizer):
+        raise ValueError(
+            "`inner_optimizer` must be a keras.optimizers.Optimizer or its "
+            f"name. Received: inner_optimizer={inner_optimizer!r}"
+        )
+    if isinstance(inner_optimizer, GradientPipelineOptimizer):
+        raise ValueError(
+            "`inner_optimizer` already runs the keras_gradtools pipeline: "
+            "set accumulation, noise and clipping on it directly instead of "
+            f"wrapping it. Received: {type(inner_optimizer).__name__}"
+        )
+    if isinstance(inner_optimizer, optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "Wrap the optimizer first, then let Keras (or you) put the "
+            "LossScaleOptimizer around the wrapper: "
+            "LossScaleOptimizer(keras_gradtools.wrap(opt))."
+        )
+    for setting in _INNER_SETTINGS_WE_OWN:
+        if getattr(inner_optimizer, setting, None):
+            raise ValueError(
+                f"The inner optimizer sets `{setting}`, which the wrapper "
+                f"owns: pass `{setting}` to `keras_gradtools.wrap` instead "
+                "and leave it unset on the inner optimizer. Received: "
+                f"{setting}={getattr(inner_optimizer, setting)!r}"
+            )
+    return inner_optimizer

@@ -1,0 +1,28 @@
+"""Pure tensor functions of the gradient pipeline, written with `keras.ops`.
+
+Each function here maps tensors to tensors and owns no state, so it can be
+checked line by line against the formulas in DESIGN.md and against the
+float64 NumPy twins in `tests/numpy_reference.py`.
+"""
+
+from keras_gradtools.transforms.accumulation import micro_batch_variance
+from keras_gradtools.transforms.accumulation import micro_second_moment_input
+from keras_gradtools.transforms.clipping import clip_gradients
+from keras_gradtools.transforms.clipping import global_norm
+from keras_gradtools.transforms.noise import gaussian_noise_like
+from keras_gradtools.transforms.noise import noise_seed
+from keras_gradtools.transforms.noise import noise_std
+from keras_gradtools.transforms.statistics import gradient_statistics_from_sums
+from keras_gradtools.transforms.statistics import variance_and_square_norm
+
+__all__ = [
+    "clip_gradients",
+    "gaussian_noise_like",
+    "global_norm",
+    "gradient_statistics_from_sums",
+    "micro_batch_variance",
+    "micro_second_moment_input",
+    "noise_seed",
+    "noise_std",
+    "variance_and_square_norm",
+]
