@@ -467,14 +467,11 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
 
     def _add_noise(self, grads, variables, sigma):
         seed = self._noise_seed.value
-        num_tensors = len(self._trainable_variables)
         noisy = []
         for grad, variable in zip(grads, variables):
-            index = self._get_variable_index(variable)
-            step_seed = transforms.noise_seed(
-                seed, self._iterations, index, num_tensors
+            noise = transforms.gaussian_noise_like(
+                grad, seed, self._get_variable_index(variable), self._iterations
             )
-            noise = transforms.gaussian_noise_like(grad, step_seed)
             noisy.append(ops.add(grad, ops.multiply(sigma, noise)))
         return noisy
 

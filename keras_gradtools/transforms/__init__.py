@@ -10,10 +10,11 @@ from keras_gradtools.transforms.accumulation import micro_second_moment_input
 from keras_gradtools.transforms.clipping import clip_gradients
 from keras_gradtools.transforms.clipping import global_norm
 from keras_gradtools.transforms.noise import gaussian_noise_like
-from keras_gradtools.transforms.noise import noise_seed
 from keras_gradtools.transforms.noise import noise_std
 from keras_gradtools.transforms.statistics import gradient_statistics_from_sums
 from keras_gradtools.transforms.statistics import variance_and_square_norm
+from keras_gradtools.transforms.threefry import standard_normal
+from keras_gradtools.transforms.threefry import threefry2x32
 
 __all__ = [
     "clip_gradients",
@@ -22,7 +23,8 @@ __all__ = [
     "gradient_statistics_from_sums",
     "micro_batch_variance",
     "micro_second_moment_input",
-    "noise_seed",
     "noise_std",
+    "standard_normal",
+    "threefry2x32",
     "variance_and_square_norm",
 ]

@@ -1,0 +1,169 @@
+"""Counters, schedules, moving averages and non-finite micro-batches."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import copy_variables
+from helpers import make_variables
+from helpers import max_abs_difference
+from helpers import random_gradients
+from helpers import values
+
+import keras_gradtools as kg
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_weights_move_only_on_the_last_micro_batch(jit_compile, rng):
+    k = 4
+    variables = make_variables(rng)
+    optimizer = kg.Adam(0.1, accumulation_steps=k, jit_compile=jit_compile)
+    for cycle in range(2):
+        before = values(variables)
+        for micro in range(k):
+            optimizer.apply(random_gradients(rng, variables), variables)
+            moved = max_abs_difference(values(variables), before)
+            if micro < k - 1:
+                assert moved == 0.0
+            else:
+                assert moved > 0.0
+        assert int(optimizer.iterations.numpy()) == cycle + 1
+        assert int(optimizer.micro_steps.numpy()) == (cycle + 1) * k
+
+
+def test_learning_rate_schedule_is_evaluated_on_updates(rng):
+    k = 3
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries=[0], values=[1.0, 0.0]
+    )
+    variables = [keras.Variable(np.zeros(4, "float32"))]
+    optimizer = kg.SGD(schedule, accumulation_steps=k)
+    ones = [np.ones(4, "float32")]
+    for _ in range(k):
+        optimizer.apply(ones, variables)
+    np.testing.assert_allclose(variables[0].numpy(), -1.0)
+    # The second update has iterations=1, so learning rate 0. Evaluated on
+    # micro-batches (as Keras does) the first update would already use 0.
+    for _ in range(k):
+        optimizer.apply(ones, variables)
+    np.testing.assert_allclose(variables[0].numpy(), -1.0)
+    assert float(optimizer.learning_rate) == 0.0
+
+
+def test_moving_average_is_updated_on_updates_only(rng):
+    k = 2
+    variables = [keras.Variable(np.zeros(3, "float32"))]
+    optimizer = kg.SGD(
+        1.0, accumulation_steps=k, use_ema=True, ema_momentum=0.5
+    )
+    grads = [np.full(3, -1.0, "float32")]
+    for _ in range(2 * k):
+        optimizer.apply(grads, variables)
+    # Updates: w = 1 then 2. EMA: first update copies (1), then
+    # 0.5 * 1 + 0.5 * 2 = 1.5. Per micro-batch it would differ.
+    average = optimizer._model_variables_moving_average[0]
+    np.testing.assert_allclose(variables[0].numpy(), 2.0)
+    np.testing.assert_allclose(average.numpy(), 1.5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("k", [1, 4])
+def test_nonfinite_micro_batch_is_skipped_not_accumulated(bad, k, rng):
+    variables = make_variables(rng)
+    clean = [random_gradients(rng, variables) for _ in range(2 * k)]
+    poisoned = list(clean)
+    broken = [g.copy() for g in clean[1]]
+    broken[0][0, 0] = bad
+    poisoned.insert(1, broken)
+
+    skipping = kg.Adam(0.05, accumulation_steps=k, second_moment="macro")
+    trained = copy_variables(variables)
+    for grads in poisoned[: 2 * k]:
+        skipping.apply(grads, trained)
+    assert int(skipping.skipped_micro_batches.numpy()) == 1
+    # Statistics are NaN by design when there is nothing to measure.
+    state = [v for v in skipping.variables if "statistic_" not in v.name]
+    for v in trained + state:
+        assert np.all(np.isfinite(np.asarray(v.numpy(), "float64")))
+
+    # The cycle that held the bad micro-batch averages its finite ones.
+    reference = keras.optimizers.Adam(0.05)
+    expected = copy_variables(variables)
+    if k == 1:
+        reference.apply(clean[0], expected)
+    else:
+        kept = [clean[0]] + clean[1 : k - 1]
+        mean = [np.mean([g[i] for g in kept], axis=0) for i in range(3)]
+        reference.apply(mean, expected)
+        second = clean[k - 1 : 2 * k - 1]
+        reference.apply(
+            [np.mean([g[i] for g in second], axis=0) for i in range(3)],
+            expected,
+        )
+    assert max_abs_difference(values(trained), values(expected)) < 2e-6
+
+
+def test_cycle_of_only_nonfinite_micro_batches_skips_the_update(rng):
+    variables = make_variables(rng)
+    optimizer = kg.Adam(0.05, accumulation_steps=2)
+    before = values(variables)
+    nan = [np.full(v.shape, np.nan, "float32") for v in variables]
+    optimizer.apply(nan, variables)
+    optimizer.apply(nan, variables)
+    assert max_abs_difference(values(variables), before) == 0.0
+    assert int(optimizer.iterations.numpy()) == 0
+    assert int(optimizer.skipped_micro_batches.numpy()) == 2
+    optimizer.apply(random_gradients(rng, variables), variables)
+    optimizer.apply(random_gradients(rng, variables), variables)
+    assert int(optimizer.iterations.numpy()) == 1
+    assert all(np.all(np.isfinite(v)) for v in values(variables))
+
+
+def test_on_nonfinite_apply_is_kerass_behaviour(rng):
+    variables = make_variables(rng)
+    optimizer = kg.SGD(0.1, on_nonfinite="apply")
+    grads = random_gradients(rng, variables)
+    grads[0][0, 0] = np.nan
+    optimizer.apply(grads, variables)
+    assert np.isnan(variables[0].numpy()[0, 0])
+
+
+def test_gradient_list_must_match_variables(rng):
+    variables = make_variables(rng)
+    optimizer = kg.Adam()
+    with pytest.raises(ValueError, match="3 gradients for 2 variables"):
+        optimizer.apply(random_gradients(rng, variables), variables[:2])
+    wrong = random_gradients(rng, variables)
+    wrong[1] = np.zeros((7,), "float32")
+    with pytest.raises(ValueError, match=r"has shape \(7,\)"):
+        optimizer.apply(wrong, variables)
+    with pytest.raises(ValueError, match="No gradients provided"):
+        optimizer.apply([None, None, None], variables)
+    integers = [np.ones(v.shape, "int32") for v in variables]
+    with pytest.raises(ValueError, match="floating point"):
+        optimizer.apply(integers, variables)
+
+
+def test_only_the_slots_a_configuration_reads_exist(rng):
+    variables = make_variables(rng)
+    parameters = sum(int(np.prod(v.shape)) for v in variables)
+
+    def slot_elements(optimizer):
+        optimizer.build(variables)
+        return sum(
+            int(np.prod(v.shape)) for v in optimizer.variables if len(v.shape)
+        )
+
+    assert slot_elements(kg.SGD()) == 0
+    assert slot_elements(kg.SGD(accumulation_steps=4)) == parameters
+    assert (
+        slot_elements(
+            kg.SGD(accumulation_steps=4, track_gradient_statistics=True)
+        )
+        == 2 * parameters
+    )
+    assert slot_elements(kg.Adam()) == 2 * parameters
+    assert (
+        slot_elements(kg.Adam(accumulation_steps=4, second_moment="macro"))
+        == 3 * parameters
+    )
+    assert slot_elements(kg.Adam(accumulation_steps=4)) == 4 * parameters
