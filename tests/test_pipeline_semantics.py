@@ -167,3 +167,18 @@ def test_only_the_slots_a_configuration_reads_exist(rng):
         == 3 * parameters
     )
     assert slot_elements(kg.Adam(accumulation_steps=4)) == 4 * parameters
+
+
+def test_gradient_statistics_is_a_snapshot(rng):
+    variables = [keras.Variable(np.zeros(3, "float32"))]
+    optimizer = kg.SGD(0.1, accumulation_steps=2)
+    for g in ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]):
+        optimizer.apply([np.array(g, "float32")], variables)
+    first = optimizer.gradient_statistics()
+    np.testing.assert_allclose(float(first["grad_norm"]), np.sqrt(12.0))
+    for _ in range(2):
+        optimizer.apply([np.array([10.0, 0.0, 0.0], "float32")], variables)
+    np.testing.assert_allclose(float(first["grad_norm"]), np.sqrt(12.0))
+    later = optimizer.gradient_statistics()
+    np.testing.assert_allclose(float(later["grad_norm"]), 10.0)
+    assert float(later["noise_std"]) == 0.0

@@ -211,10 +211,14 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 aggregation="only_first_replica",
                 name="noise_seed",
             )
+        # Unmeasured statistics read NaN; without noise, noise_std is 0.
+        initial = {name: float("nan") for name in STATISTICS}
+        if self.noise_eta == 0:
+            initial["noise_std"] = 0.0
         self._statistics = {
             name: self.add_variable(
                 shape=(),
-                initializer=initializers.Constant(float("nan")),
+                initializer=initializers.Constant(initial[name]),
                 dtype="float32",
                 aggregation="only_first_replica",
                 name=f"statistic_{name}",
@@ -262,7 +266,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         return self._skipped_micro_batches
 
     def gradient_statistics(self):
-        """Returns the gradient statistics of the last update.
+        """Returns a snapshot of the gradient statistics of the last update.
 
         Statistics are measured inside the update from the accumulators it
         reads anyway (DESIGN.md §3). `variance`, `mean_norm_sq`,
@@ -295,7 +299,10 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 "`gradient_statistics()` needs a built optimizer: call "
                 "`apply` (or `model.fit`) or `build(variables)` first."
             )
-        return {name: var.value for name, var in self._statistics.items()}
+        return {
+            name: ops.copy(var)
+            for name, var in self._statistics.items()
+        }
 
     # ------------------------------------------------------------------
     # Entry point.
