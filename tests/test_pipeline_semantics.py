@@ -171,7 +171,9 @@ def test_only_the_slots_a_configuration_reads_exist(rng):
 
 def test_gradient_statistics_is_a_snapshot(rng):
     variables = [keras.Variable(np.zeros(3, "float32"))]
-    optimizer = kg.SGD(0.1, accumulation_steps=2)
+    optimizer = kg.SGD(
+        0.1, accumulation_steps=2, track_gradient_statistics=True
+    )
     for g in ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]):
         optimizer.apply([np.array(g, "float32")], variables)
     first = optimizer.gradient_statistics()

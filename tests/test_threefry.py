@@ -1,15 +1,17 @@
-"""The noise generator: Threefry-2x32-20 known answers, a NumPy twin of the
-Box-Muller transform, and the same stream compiled or not."""
+"""The noise generator: Threefry-2x32-20 known answers, a float64 twin of
+the inverse-transform sampling, and the same stream compiled or not."""
 
 import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from scipy.special import erfinv
 
 from keras_gradtools.transforms import gaussian_noise_like
 from keras_gradtools.transforms import standard_normal
 from keras_gradtools.transforms import threefry2x32
+from keras_gradtools.transforms.threefry import normal_from_bits
 
 # Known-answer vectors of Threefry-2x32-20 from the Random123 distribution
 # (also used by JAX's tests): (key, counter) -> output.
@@ -47,21 +49,23 @@ def _numpy_standard_normal(count, key, stream):
         [np.uint32(k) for k in key],
         [np.arange(pairs, dtype=np.uint32), np.full(pairs, stream, np.uint32)],
     )
-    x0 = np.asarray(x0).astype(np.float64)
-    x1 = np.asarray(x1).astype(np.float64)
-    u1 = (np.floor(x0 / 256) + 1) * 2.0**-24
-    u2 = np.floor(x1 / 256) * 2.0**-24
-    r = np.sqrt(-2 * np.log(u1))
-    return np.concatenate(
-        [r * np.cos(2 * math.pi * u2), r * np.sin(2 * math.pi * u2)]
-    )[:count]
+    bits = np.stack([np.asarray(x0), np.asarray(x1)], axis=-1).reshape(-1)
+    centered = (np.floor(bits.astype(np.float64) / 512) + 0.5) / 2**22 - 1
+    return (np.sqrt(2.0) * erfinv(centered))[:count]
 
 
-def test_box_muller_matches_float64_twin():
+def test_inverse_transform_matches_float64_twin():
     z = np.asarray(standard_normal(1001, (5, 9), 3))
-    np.testing.assert_allclose(
-        z, _numpy_standard_normal(1001, (5, 9), 3), atol=3e-6
-    )
+    expected = _numpy_standard_normal(1001, (5, 9), 3)
+    np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_extreme_bit_patterns_give_finite_symmetric_samples():
+    extremes = np.array([0, 1, 511, 512, 2**32 - 513, 2**32 - 1], np.uint32)
+    z = np.asarray(normal_from_bits(extremes), np.float64)
+    assert np.all(np.isfinite(z))
+    np.testing.assert_allclose(z[0], -z[-1], rtol=1e-6)
+    assert 5.0 < -z[0] < 5.4
 
 
 def test_moments_and_independence():

@@ -77,6 +77,7 @@ def test_fit_with_xla_trains_with_accumulation_noise_and_clipping():
         noise_eta=1e-4,
         noise_seed=3,
         global_clipnorm=1.0,
+        track_gradient_statistics=True,
     )
     model.compile(
         optimizer=optimizer,

@@ -123,19 +123,21 @@ class Adam(GradientPipelineOptimizer):
             second = transforms.micro_second_moment_input(
                 gradient, ops.cast(micro_batch_variance, dtype)
             )
-        new_m = m + ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1)
-        new_v = v + ops.multiply(ops.subtract(second, v), 1 - beta_2)
-        self.assign(m, new_m)
-        self.assign(v, new_v)
+        # Written as Keras writes it: assign the moments, then read them
+        # back. Computing the step from the new values as tensors instead
+        # makes XLA copy both moments first (measured 2x slower).
+        self.assign_add(
+            m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1)
+        )
+        self.assign_add(v, ops.multiply(ops.subtract(second, v), 1 - beta_2))
         if self.amsgrad:
             v_hat = self._velocity_hats[index]
-            new_v = ops.maximum(v_hat, new_v)
-            self.assign(v_hat, new_v)
+            self.assign(v_hat, ops.maximum(v_hat, v))
+            v = v_hat
         self.assign_sub(
             variable,
             ops.divide(
-                ops.multiply(new_m, alpha),
-                ops.add(ops.sqrt(new_v), self.epsilon),
+                ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)
             ),
         )
 

@@ -69,14 +69,13 @@ class SGD(GradientPipelineOptimizer):
             return
         m = self.momentums[self._get_variable_index(variable)]
         momentum = ops.cast(self.momentum, variable.dtype)
-        velocity = ops.subtract(ops.multiply(m, momentum), step)
-        self.assign(m, velocity)
+        self.assign(m, ops.subtract(ops.multiply(m, momentum), step))
         if self.nesterov:
             self.assign_add(
-                variable, ops.subtract(ops.multiply(velocity, momentum), step)
+                variable, ops.subtract(ops.multiply(m, momentum), step)
             )
         else:
-            self.assign_add(variable, velocity)
+            self.assign_add(variable, m)
 
     def get_config(self):
         config = super().get_config()

@@ -8,6 +8,7 @@ float64 NumPy twins in `tests/numpy_reference.py`.
 from keras_gradtools.transforms.accumulation import micro_batch_variance
 from keras_gradtools.transforms.accumulation import micro_second_moment_input
 from keras_gradtools.transforms.clipping import clip_gradients
+from keras_gradtools.transforms.clipping import flat_sum
 from keras_gradtools.transforms.clipping import global_norm
 from keras_gradtools.transforms.noise import gaussian_noise_like
 from keras_gradtools.transforms.noise import noise_std
@@ -18,6 +19,7 @@ from keras_gradtools.transforms.threefry import threefry2x32
 
 __all__ = [
     "clip_gradients",
+    "flat_sum",
     "gaussian_noise_like",
     "global_norm",
     "gradient_statistics_from_sums",

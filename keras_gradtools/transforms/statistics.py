@@ -15,6 +15,8 @@ where `g_bar` and `q` are read anyway: no extra pass over the parameters.
 
 from keras import ops
 
+from keras_gradtools.transforms.clipping import flat_sum
+
 
 def variance_and_square_norm(mean, mean_square, count):
     """Per-tensor partial sums `(sum(s2), sum(g_bar**2))`.
@@ -29,7 +31,10 @@ def variance_and_square_norm(mean, mean_square, count):
     """
     within = ops.maximum(ops.subtract(mean_square, ops.square(mean)), 0.0)
     bessel = ops.divide(count, ops.maximum(ops.subtract(count, 1.0), 1.0))
-    return ops.multiply(ops.sum(within), bessel), ops.sum(ops.square(mean))
+    return (
+        ops.multiply(flat_sum(within), bessel),
+        flat_sum(ops.square(mean)),
+    )
 
 
 def gradient_statistics_from_sums(variance, mean_square_norm, count):

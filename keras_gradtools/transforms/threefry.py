@@ -3,7 +3,10 @@
 Threefry-2x32 with 20 rounds (Salmon et al., "Parallel random numbers: as
 easy as 1, 2, 3", SC 2011; the generator JAX uses) turns a 64-bit key and a
 64-bit counter into 64 random bits with integer adds, rotations and xors.
-The Box-Muller transform turns each 64 bits into two standard normals.
+Each 32 bits become one standard normal by inverse transform sampling,
+`sqrt(2) * erfinv(2u - 1)`: per sample this is about 3x cheaper under XLA
+than Box-Muller, whose log, sqrt and sin/cos XLA recomputed for each half
+of the pair.
 
 Why not `tf.random.stateless_normal`: its Philox path costs about 20x the
 threefry path under XLA on CPU, and TensorFlow's threefry has no kernel
@@ -55,8 +58,9 @@ def threefry2x32(key, counter):
 def standard_normal(count, key, stream):
     """Returns `count` i.i.d. N(0, 1) float32 samples.
 
-    Element `i` comes from counter `(i // 2, stream)` under `key`, so
-    distinct `(key, stream)` pairs give independent blocks.
+    Samples `2i` and `2i + 1` come from the two words of counter
+    `(i, stream)` under `key`, so distinct `(key, stream)` pairs give
+    independent blocks.
 
     Args:
         count: Python int, the number of samples.
@@ -64,19 +68,23 @@ def standard_normal(count, key, stream):
         stream: uint32 scalar, e.g. the update step.
 
     Returns:
-        A float32 tensor of shape `(count,)`. Uniforms carry 24 bits, so
-        |z| <= 5.77: the tails beyond that (probability 8e-9) are cut.
+        A float32 tensor of shape `(count,)`, see `normal_from_bits`.
     """
     pairs = (count + 1) // 2
     position = ops.cast(ops.arange(pairs, dtype="int32"), "uint32")
     stream = ops.add(ops.zeros((pairs,), "uint32"), ops.cast(stream, "uint32"))
-    bits0, bits1 = threefry2x32(key, (position, stream))
-    scale = 2.0**-24
-    u1 = (ops.cast(ops.right_shift(bits0, 8), "float32") + 1.0) * scale
-    u2 = ops.cast(ops.right_shift(bits1, 8), "float32") * scale
-    radius = ops.sqrt(-2.0 * ops.log(u1))
-    angle = (2.0 * math.pi) * u2
-    samples = ops.concatenate(
-        [radius * ops.cos(angle), radius * ops.sin(angle)]
-    )
-    return samples[:count]
+    bits = ops.stack(threefry2x32(key, (position, stream)), axis=-1)
+    return ops.reshape(normal_from_bits(bits), (-1,))[:count]
+
+
+def normal_from_bits(bits):
+    """Maps uint32 random words to N(0, 1) samples by inverse transform.
+
+    The top 23 bits `b` give `x = (b + 0.5) / 2**22 - 1`, uniform on the
+    open interval (-1, 1) and exact in float32 (24 bits would round the
+    largest value to 1 and give an infinite sample). Then
+    `z = sqrt(2) * erfinv(x)`, so |z| <= 5.3 (tails beyond: p = 1e-7).
+    """
+    top = ops.cast(ops.right_shift(bits, 9), "float32")
+    centered = (top + 0.5) * 2.0**-22 - 1.0
+    return math.sqrt(2.0) * ops.erfinv(centered)
