@@ -55,6 +55,7 @@ CONFIGS = (
     ("ours SGD(momentum=0.9)", "ours_sgd", 1),
     ("keras Adam", "keras_adam", 1),
     ("ours Adam", "ours_adam", 1),
+    ('ours Adam on_nonfinite="apply"', "ours_adam_apply", 1),
     ("keras AdamW", "keras_adamw", 1),
     ("ours AdamW", "ours_adamw", 1),
     (f"keras Adam(gradient_accumulation_steps={K})", "keras_adam_k", K),
@@ -72,6 +73,12 @@ CONFIGS = (
 # ratio is computed per round from that round's per-call times.
 RATIOS = (
     ("ours/keras Adam (K=1)", "ours_adam", "keras_adam", 1.10),
+    (
+        'ours on_nonfinite="apply" / keras Adam (K=1)',
+        "ours_adam_apply",
+        "keras_adam",
+        None,
+    ),
     ("ours/keras SGD (K=1)", "ours_sgd", "keras_sgd", 1.10),
     ("ours/keras AdamW (K=1)", "ours_adamw", "keras_adamw", 1.10),
     (
@@ -189,6 +196,7 @@ def _make_optimizer(key):
         "ours_sgd": lambda: kg.SGD(momentum=0.9),
         "keras_adam": lambda: keras.optimizers.Adam(),
         "ours_adam": lambda: kg.Adam(),
+        "ours_adam_apply": lambda: kg.Adam(on_nonfinite="apply"),
         "keras_adamw": lambda: keras.optimizers.AdamW(),
         "ours_adamw": lambda: kg.AdamW(),
         "keras_adam_k": lambda: keras.optimizers.Adam(

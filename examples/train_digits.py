@@ -79,6 +79,9 @@ def build_model(seed):
     )
 
 
+RUNS = ("plain", "accumulate", "acc+noise")
+
+
 def optimizers(args):
     k = args.accumulation_steps
     lr = args.learning_rate

@@ -1,0 +1,49 @@
+"""Smoke tests of the user-facing scripts: they run and produce sane output
+(no timing is ever asserted)."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load(relative):
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_prints_every_ratio(capsys):
+    step_cost = _load("benchmarks/step_cost.py")
+    assert step_cost.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("benchmark: ok")
+    for row in ["ours/keras Adam (K=1)", "micro / macro", "noise / no noise"]:
+        assert row in out
+
+
+@pytest.mark.slow
+def test_train_digits_quick_mode(tmp_path, capsys):
+    import keras
+
+    train_digits = _load("examples/train_digits.py")
+    assert train_digits.main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    table = {r[0]: r for r in rows if r and r[0] in train_digits.RUNS}
+    assert set(table) == set(train_digits.RUNS)
+    plain_updates = int(table["plain"][1])
+    assert int(table["accumulate"][1]) == plain_updates // 8
+    for run in train_digits.RUNS:
+        accuracy = float(table[run][2])
+        assert 0.3 < accuracy <= 1.0, (run, accuracy)
+        saved = tmp_path / f"digits_{run.replace('+', '_')}.keras"
+        model = keras.saving.load_model(saved)
+        assert np.isfinite(model.get_weights()[0]).all()
+        assert any((tmp_path / "logs" / run.replace("+", "_")).rglob("*.v2"))
