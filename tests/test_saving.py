@@ -58,3 +58,130 @@ def test_resume_mid_cycle_is_bitwise_identical(name, tmp_path):
     for a, b in zip(model.get_weights(), restored.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert int(restored.optimizer.iterations.numpy()) > 1
+
+
+def _fit(model, x, y):
+    model.fit(x, y, batch_size=32, shuffle=False, verbose=0)
+
+
+def test_tf_train_checkpoint_manager_restores_mid_cycle(tmp_path):
+    import tensorflow as tf
+
+    x, y = digits(320)
+    model = _compiled_model(FACTORIES["adam"]())
+    _fit(model, x[:192], y[:192])
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    manager.save()
+
+    restored = _compiled_model(FACTORIES["adam"]())
+    restored.optimizer.build(restored.trainable_variables)
+    target = tf.train.Checkpoint(model=restored, optimizer=restored.optimizer)
+    target.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    assert int(restored.optimizer.micro_steps.numpy()) == 6
+    for m in (model, restored):
+        _fit(m, x[192:], y[192:])
+    for a, b in zip(model.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_weights_carries_optimizer_state(tmp_path):
+    x, y = digits(320)
+    model = _compiled_model(FACTORIES["sgd"]())
+    _fit(model, x[:192], y[:192])
+    path = tmp_path / "mid_cycle.weights.h5"
+    model.save_weights(path)
+    restored = _compiled_model(FACTORIES["sgd"]())
+    restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(path)
+    for a, b in zip(model.optimizer.variables, restored.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for m in (model, restored):
+        _fit(m, x[192:], y[192:])
+    for a, b in zip(model.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "other,message",
+    [
+        (lambda: kg.Adam(1e-2, accumulation_steps=1), "accumulation_steps"),
+        (lambda: kg.Adam(1e-2, accumulation_steps=8), "accumulation_steps"),
+        (
+            lambda: kg.Adam(1e-2, accumulation_steps=4, second_moment="macro"),
+            "second_moment",
+        ),
+        (lambda: kg.SGD(0.1, accumulation_steps=4), "saved by Adam, not SGD"),
+        (lambda: keras.optimizers.Adam(1e-2), "not written by keras_gradtools"),
+    ],
+    ids=["k1", "k8", "macro", "sgd", "keras_adam"],
+)
+def test_state_that_does_not_fit_is_refused(other, message, tmp_path):
+    x, y = digits(128)
+    model = _compiled_model(FACTORIES["adam"]())
+    _fit(model, x, y)
+    path = tmp_path / "adam.weights.h5"
+    model.save_weights(path)
+    target = _compiled_model(other())
+    target.optimizer.build(target.trainable_variables)
+    if isinstance(target.optimizer, kg.GradientPipelineOptimizer):
+        with pytest.raises(ValueError, match=message):
+            target.load_weights(path)
+    else:
+        # Keras's own optimizer only warns here; ours refuses the reverse.
+        keras_path = tmp_path / "keras.weights.h5"
+        target.save_weights(keras_path)
+        with pytest.raises(ValueError, match=message):
+            model.load_weights(keras_path)
+
+
+def test_corrupted_file_raises_instead_of_loading(tmp_path):
+    x, y = digits(128)
+    model = _compiled_model(FACTORIES["adam"]())
+    _fit(model, x, y)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match="(?i)zip|file|corrupt|truncat"):
+        keras.saving.load_model(path)
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_with_backup_and_restore_ends_identical(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(
+        os.path.dirname(__file__), "scripts", "train_with_backup.py"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="0", TF_CPP_MIN_LOG_LEVEL="3")
+
+    def run(backup, output, *extra):
+        return subprocess.run(
+            [sys.executable, script, str(backup), str(output), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    uninterrupted = run(tmp_path / "backup_a", tmp_path / "a.npz")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    marker = tmp_path / "killed"
+    command = (
+        tmp_path / "backup_b",
+        tmp_path / "b.npz",
+        "--kill-marker",
+        str(marker),
+    )
+    killed = run(*command)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert marker.exists() and not (tmp_path / "b.npz").exists()
+    resumed = run(*command)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert len(a.files) == len(b.files) > 0
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])

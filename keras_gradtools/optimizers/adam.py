@@ -90,6 +90,11 @@ class Adam(GradientPipelineOptimizer):
             return self.beta_2**self.accumulation_steps
         return self.beta_2
 
+    def _layout_settings(self):
+        settings = super()._layout_settings()
+        settings.update(second_moment=self.second_moment, amsgrad=self.amsgrad)
+        return settings
+
     def build(self, variables):
         if self.built:
             return

@@ -34,6 +34,7 @@ from keras import ops
 from keras import optimizers
 
 from keras_gradtools import transforms
+from keras_gradtools.optimizers import state
 from keras_gradtools.optimizers import validation
 from keras_gradtools.optimizers.control_flow import run_if
 
@@ -609,6 +610,48 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             self.assign(variable, ops.subtract(variable, value))
         else:
             super().assign_sub(variable, value)
+
+    # ------------------------------------------------------------------
+    # Saved state: refuse a layout that does not fit instead of dropping it.
+
+    def save_own_variables(self, store):
+        """Saves every optimizer variable, plus a description of the layout
+        so that loading into a different configuration fails clearly."""
+        super().save_own_variables(store)
+        store[state.LAYOUT_KEY] = state.encode_layout(self._state_layout())
+
+    def load_own_variables(self, store):
+        """Restores every optimizer variable from `store`.
+
+        Raises:
+            ValueError: if the saved state was written by a different
+                optimizer class, a configuration with a different set of
+                slots, or for different variables. Keras itself only warns
+                and silently drops all optimizer state in that case.
+        """
+        state.check_layout(store, self._state_layout(), self.variables)
+        for i, variable in enumerate(self.variables):
+            variable.assign(store[str(i)])
+
+    def _layout_settings(self):
+        """The settings that decide which variables exist and what they
+        mean. Subclasses with slots of their own add theirs."""
+        return {
+            "accumulation_steps": self.accumulation_steps,
+            "sum_of_squares": self._keeps_square_sums,
+            "noise": self.noise_eta > 0,
+            "use_ema": bool(self.use_ema),
+        }
+
+    def _state_layout(self):
+        return {
+            "class": type(self).__name__,
+            "settings": self._layout_settings(),
+            "variables": [
+                [list(v.shape), backend.standardize_dtype(v.dtype)]
+                for v in self.variables
+            ],
+        }
 
     # ------------------------------------------------------------------
     # Serialization.

@@ -50,6 +50,11 @@ class SGD(GradientPipelineOptimizer):
         self.momentum = momentum
         self.nesterov = bool(nesterov)
 
+    def _layout_settings(self):
+        settings = super()._layout_settings()
+        settings["momentum_slot"] = self.momentum != 0
+        return settings
+
     def build(self, variables):
         if self.built:
             return

@@ -110,6 +110,11 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         else:
             run_if(gate, fn)
 
+    def _state_layout(self):
+        layout = super()._state_layout()
+        layout["class"] += f"({type(self.inner_optimizer).__name__})"
+        return layout
+
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
