@@ -46,6 +46,21 @@ STATISTICS = (
     "grad_norm",
     "noise_std",
 )
+# Smoothing of the running statistics, per update (McCandlish et al. 2018
+# average the numerator and denominator of B_simple, then take the ratio).
+STATISTICS_SMOOTHING = 0.95
+# Saved state is ordered by role, whatever the order the variables were
+# created in (statistics can be switched on after the optimizer was built).
+_ROLE_ORDER = (
+    "micro_steps",
+    "skipped_micro_batches",
+    "cycle_micro_batches",
+    "gradient_sum",
+    "square_sum",
+    "noise_seed",
+    "statistic",
+    "running_statistic",
+)
 SECOND_MOMENT_MODES = ("micro", "macro")
 NONFINITE_POLICIES = ("skip", "apply")
 
@@ -189,6 +204,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
+        object.__setattr__(self, "_variable_roles", {})
         self._micro_steps = self._add_counter("micro_steps", "int")
         self._skipped_micro_batches = self._add_counter(
             "skipped_micro_batches", "int"
@@ -207,56 +223,129 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                     variables, "square_sum"
                 )
         if self.noise_eta > 0:
-            self._noise_seed = self.add_variable(
-                shape=(),
-                initializer=initializers.Constant(self.noise_seed),
-                dtype="int32",
-                aggregation="only_first_replica",
-                name="noise_seed",
+            self._noise_seed = self._add_scalar(
+                "noise_seed", "int32", self.noise_seed, "noise_seed"
             )
         # Unmeasured statistics read NaN; without noise, noise_std is 0.
         initial = {name: float("nan") for name in STATISTICS}
         if self.noise_eta == 0:
             initial["noise_std"] = 0.0
         self._statistics = {
-            name: self.add_variable(
-                shape=(),
-                initializer=initializers.Constant(initial[name]),
-                dtype="float32",
-                aggregation="only_first_replica",
-                name=f"statistic_{name}",
+            name: self._add_scalar(
+                f"statistic_{name}", "float32", initial[name], "statistic"
             )
             for name in STATISTICS
         }
+        self._running_statistics = {}
+        if self.track_gradient_statistics:
+            self._add_running_statistics()
+
+    def _add_running_statistics(self):
+        """Bias-corrected running averages of the variance and squared mean
+        (overall and per variable), and the sum of squares if missing."""
+        count = len(self._trainable_variables)
+        self._running_statistics = {
+            "variance": self._add_scalar(
+                "running_variance", "float32", 0.0, "running_statistic"
+            ),
+            "mean_norm_sq": self._add_scalar(
+                "running_mean_norm_sq", "float32", 0.0, "running_statistic"
+            ),
+            "weight": self._add_scalar(
+                "running_weight", "float32", 0.0, "running_statistic"
+            ),
+            "variable_variance": self._add_scalar(
+                "running_variable_variance",
+                "float32",
+                0.0,
+                "running_statistic",
+                shape=(count,),
+            ),
+            "variable_mean_sq": self._add_scalar(
+                "running_variable_mean_sq",
+                "float32",
+                0.0,
+                "running_statistic",
+                shape=(count,),
+            ),
+        }
+        if self.accumulation_steps > 1 and not self._square_sums:
+            self._square_sums = self._add_accumulators(
+                self._trainable_variables, "square_sum"
+            )
+
+    def enable_gradient_statistics(self):
+        """Switches `track_gradient_statistics` on, also after `build`.
+
+        Used by `GradientVarianceMonitor` at the start of `fit`. The missing
+        state (the sum of squares, the running averages) is created; a
+        function that already traced the update must be traced again.
+
+        Raises:
+            ValueError: if called in the middle of an accumulation cycle,
+                where the new sum of squares would miss micro-batches.
+        """
+        if self.track_gradient_statistics:
+            return
+        if self.built:
+            position = int(self._micro_steps.numpy()) % self.accumulation_steps
+            if position:
+                raise ValueError(
+                    "Gradient statistics can only be switched on between "
+                    f"accumulation cycles; this optimizer is {position} "
+                    f"micro-batches into a cycle of {self.accumulation_steps}."
+                    " Create it with track_gradient_statistics=True instead."
+                )
+            self.track_gradient_statistics = True
+            self._add_running_statistics()
+        else:
+            self.track_gradient_statistics = True
 
     def _add_counter(self, name, dtype):
-        return self.add_variable(
-            shape=(),
-            initializer="zeros",
+        return self._add_scalar(name, dtype, 0, name)
+
+    def _add_scalar(self, name, dtype, value, role, shape=()):
+        variable = self.add_variable(
+            shape=shape,
+            initializer=initializers.Constant(value),
             dtype=dtype,
             aggregation="only_first_replica",
             name=name,
         )
+        self._variable_roles[id(variable)] = role
+        return variable
+
+    @property
+    def variables(self):
+        """All optimizer variables: Keras's and the rule's in creation order,
+        then the pipeline's in a fixed order of roles (the saved layout)."""
+        roles = getattr(self, "_variable_roles", {})
+        rank = {role: i + 1 for i, role in enumerate(_ROLE_ORDER)}
+        order = sorted(
+            enumerate(self._variables),
+            key=lambda item: (rank.get(roles.get(id(item[1])), 0), item[0]),
+        )
+        return [variable for _, variable in order]
 
     def _add_accumulators(self, variables, name):
         accumulators = []
         for variable in variables:
-            if self._overwrite_variable_with_gradient(variable):
-                accumulators.append(None)
-            elif backend.standardize_dtype(variable.dtype) == "float32":
-                accumulators.append(
-                    self.add_variable_from_reference(variable, name=name)
-                )
-            else:
-                path = getattr(variable, "path", variable.name)
-                accumulators.append(
-                    self.add_variable(
-                        shape=variable.shape,
-                        dtype="float32",
-                        name=f"{path.replace('/', '_')}_{name}",
-                    )
-                )
+            accumulators.append(self._add_accumulator(variable, name))
+            if accumulators[-1] is not None:
+                self._variable_roles[id(accumulators[-1])] = name
         return accumulators
+
+    def _add_accumulator(self, variable, name):
+        if self._overwrite_variable_with_gradient(variable):
+            return None
+        if backend.standardize_dtype(variable.dtype) == "float32":
+            return self.add_variable_from_reference(variable, name=name)
+        path = getattr(variable, "path", variable.name)
+        return self.add_variable(
+            shape=variable.shape,
+            dtype="float32",
+            name=f"{path.replace('/', '_')}_{name}",
+        )
 
     @property
     def micro_steps(self):
@@ -446,7 +535,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             ]
         statistics = None
         if self._computes_statistics:
-            statistics = self._measure(means, mean_squares, count)
+            statistics = self._measure(means, variables, mean_squares, count)
         if self.clip_micro_batches:
             clipped, factors = means, [None] * len(means)
         else:
@@ -489,28 +578,107 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             noisy.append(ops.add(grad, ops.multiply(sigma, noise)))
         return noisy
 
-    def _measure(self, means, mean_squares, count):
-        norm_sq = transforms.global_norm(means) ** 2
+    def _measure(self, means, variables, mean_squares, count):
+        """The statistics of this update (DESIGN.md §3), plus per-variable
+        parts for the running averages."""
+        mean_sq_parts = [transforms.flat_sum(ops.square(g)) for g in means]
+        norm_sq = ops.sum(ops.stack(mean_sq_parts))
         stats = {"grad_norm": ops.sqrt(norm_sq)}
-        if mean_squares is not None:
-            parts = [
-                transforms.variance_and_square_norm(g, q, count)[0]
-                for g, q in zip(means, mean_squares)
-            ]
-            variance = ops.sum(ops.stack(parts))
-            stats.update(
-                transforms.gradient_statistics_from_sums(
-                    variance, norm_sq, count
-                )
-            )
-        return stats
+        if mean_squares is None:
+            return stats, None
+        variance_parts = [
+            transforms.variance_and_square_norm(g, q, count)[0]
+            for g, q in zip(means, mean_squares)
+        ]
+        variance = ops.sum(ops.stack(variance_parts))
+        stats.update(
+            transforms.gradient_statistics_from_sums(variance, norm_sq, count)
+        )
+        indices = [self._get_variable_index(v) for v in variables]
+        parts = {
+            "variable_variance": dict(zip(indices, variance_parts)),
+            "variable_mean_sq": dict(zip(indices, mean_sq_parts)),
+        }
+        return stats, parts
 
-    def _record_statistics(self, statistics, sigma):
-        if statistics is not None:
-            for name, value in statistics.items():
-                self.assign(self._statistics[name], value)
+    def _record_statistics(self, measured, sigma):
         if sigma is not None:
             self.assign(self._statistics["noise_std"], sigma)
+        if measured is None:
+            return
+        stats, parts = measured
+        for name, value in stats.items():
+            self.assign(self._statistics[name], value)
+        if parts is None or not self._running_statistics:
+            return
+        running = self._running_statistics
+        valid = ops.logical_and(
+            ops.isfinite(stats["variance"]), ops.isfinite(stats["mean_norm_sq"])
+        )
+        decay = STATISTICS_SMOOTHING
+
+        def smooth(variable, value):
+            new = decay * variable + (1.0 - decay) * value
+            self.assign(variable, ops.where(valid, new, variable))
+
+        smooth(running["variance"], stats["variance"])
+        smooth(running["mean_norm_sq"], stats["mean_norm_sq"])
+        smooth(running["weight"], 1.0)
+        for name in ("variable_variance", "variable_mean_sq"):
+            old = running[name]
+            value = ops.stack(
+                [
+                    parts[name].get(i, old[i])
+                    for i in range(len(self._trainable_variables))
+                ]
+            )
+            smooth(old, value)
+
+    def running_gradient_statistics(self):
+        """Returns bias-corrected running averages of the statistics.
+
+        The variance tr(Sigma_M) and the squared mean |E g|**2 are averaged
+        over updates with decay `STATISTICS_SMOOTHING` (0.95) and corrected
+        for their start at zero; the noise scale and signal-to-noise ratio
+        are ratios of the averages, never averages of ratios (McCandlish et
+        al., 2018). Needs `track_gradient_statistics=True`.
+
+        Returns:
+            A dict of float32 tensors: scalars `variance`, `mean_norm_sq`,
+            `noise_scale` (micro-batches), `snr`, `updates_averaged` (the
+            bias-correction weight's effective count), and per-variable
+            vectors `variable_variance` and `variable_mean_sq`, in the
+            order of the variables the optimizer was built with.
+        """
+        if not self._running_statistics:
+            raise ValueError(
+                "Running gradient statistics need "
+                "track_gradient_statistics=True (or a GradientVarianceMonitor "
+                "attached to fit)."
+            )
+        running = self._running_statistics
+        weight = ops.convert_to_tensor(running["weight"])
+        safe = ops.where(weight > 0, weight, 1.0)
+        corrected = {
+            name: ops.divide(ops.convert_to_tensor(running[name]), safe)
+            for name in (
+                "variance",
+                "mean_norm_sq",
+                "variable_variance",
+                "variable_mean_sq",
+            )
+        }
+        result = dict(corrected)
+        ratios = transforms.noise_scale_and_snr(
+            corrected["variance"],
+            corrected["mean_norm_sq"],
+            float(self.accumulation_steps),
+        )
+        nan = ops.cast(float("nan"), "float32")
+        for name, value in zip(("noise_scale", "snr"), ratios):
+            result[name] = ops.where(weight > 0, value, nan)
+        result["updates_averaged"] = weight
+        return result
 
     def _apply_rule(self, grads, variables, micro_variances):
         """Weight decay, the update rule and the weights' moving average."""
@@ -641,6 +809,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             "sum_of_squares": self._keeps_square_sums,
             "noise": self.noise_eta > 0,
             "use_ema": bool(self.use_ema),
+            "statistics": self.track_gradient_statistics,
         }
 
     def _state_layout(self):

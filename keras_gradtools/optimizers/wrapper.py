@@ -89,7 +89,7 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
 
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return super().variables + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):

@@ -13,6 +13,7 @@ from keras_gradtools.transforms.clipping import global_norm
 from keras_gradtools.transforms.noise import gaussian_noise_like
 from keras_gradtools.transforms.noise import noise_std
 from keras_gradtools.transforms.statistics import gradient_statistics_from_sums
+from keras_gradtools.transforms.statistics import noise_scale_and_snr
 from keras_gradtools.transforms.statistics import variance_and_square_norm
 from keras_gradtools.transforms.threefry import standard_normal
 from keras_gradtools.transforms.threefry import threefry2x32
@@ -25,6 +26,7 @@ __all__ = [
     "gradient_statistics_from_sums",
     "micro_batch_variance",
     "micro_second_moment_input",
+    "noise_scale_and_snr",
     "noise_std",
     "standard_normal",
     "threefry2x32",

@@ -58,10 +58,28 @@ def gradient_statistics_from_sums(variance, mean_square_norm, count):
     """
     variance = ops.cast(variance, "float32")
     count = ops.cast(count, "float32")
-    valid = count >= 2.0
-    nan = ops.cast(float("nan"), "float32")
-    inf = ops.cast(float("inf"), "float32")
     mean_norm_sq = ops.subtract(mean_square_norm, ops.divide(variance, count))
+    noise_scale, snr = noise_scale_and_snr(variance, mean_norm_sq, count)
+    stats = {
+        "variance": variance,
+        "mean_norm_sq": mean_norm_sq,
+        "noise_scale": noise_scale,
+        "snr": snr,
+    }
+    nan = ops.cast(float("nan"), "float32")
+    valid = count >= 2.0
+    return {k: ops.where(valid, v, nan) for k, v in stats.items()}
+
+
+def noise_scale_and_snr(variance, mean_norm_sq, count):
+    """`B_simple = variance / mean_norm_sq` (micro-batches) and
+    `snr = mean_norm_sq / (variance / count)`.
+
+    Both are ratios taken last: pass averaged numerators and denominators,
+    never average the ratios. `noise_scale` is `inf` when `mean_norm_sq` is
+    not positive, `snr` is `inf` when there is no variance.
+    """
+    inf = ops.cast(float("inf"), "float32")
     positive = mean_norm_sq > 0
     noise_scale = ops.where(
         positive, variance / ops.where(positive, mean_norm_sq, 1.0), inf
@@ -72,10 +90,4 @@ def gradient_statistics_from_sums(variance, mean_square_norm, count):
         mean_norm_sq * count / ops.where(has_noise, variance, 1.0),
         inf,
     )
-    stats = {
-        "variance": variance,
-        "mean_norm_sq": mean_norm_sq,
-        "noise_scale": noise_scale,
-        "snr": snr,
-    }
-    return {k: ops.where(valid, v, nan) for k, v in stats.items()}
+    return noise_scale, snr
