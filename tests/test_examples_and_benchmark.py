@@ -46,4 +46,9 @@ def test_train_digits_quick_mode(tmp_path, capsys):
         saved = tmp_path / f"digits_{run.replace('+', '_')}.keras"
         model = keras.saving.load_model(saved)
         assert np.isfinite(model.get_weights()[0]).all()
-        assert any((tmp_path / "logs" / run.replace("+", "_")).rglob("*.v2"))
+        run_dir = tmp_path / "logs" / run.replace("+", "_")
+        assert any((run_dir / "train").rglob("*.v2"))
+        assert any((run_dir / "gradients").rglob("*.v2"))
+        picture = tmp_path / f"gradient_statistics_{run.replace('+', '_')}.png"
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Gradient noise scale B_simple" in out

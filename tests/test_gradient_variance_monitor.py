@@ -191,7 +191,7 @@ def test_tensorboard_events_alongside_keras_tensorboard(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert (
         "noise scale" in monitor.advice
-        and "batch 128 (4 x 32)" in monitor.advice
+        and "Batch 128 (4 x 32)" in monitor.advice
     )
 
 

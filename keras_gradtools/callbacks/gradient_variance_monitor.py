@@ -359,48 +359,59 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
     # Advice.
 
     def _advice(self):
+        """One paragraph comparing the measured noise scale with the batch.
+
+        The noise scale grows as the loss falls (McCandlish et al. 2018),
+        so the advice uses its median over training and reports the range.
+        """
         if not self.records:
             return None
-        last = self.records[-1]
-        scale = last["grad_noise_scale"]
-        batch = last["batch_size"]
-        if self.mode == "optimizer":
-            k = self._optimizer.accumulation_steps
-        else:
-            optimizer = _pipeline_optimizer(self.model.optimizer)
-            k = optimizer.accumulation_steps if optimizer is not None else 1
+        scales = [r["grad_noise_scale"] for r in self.records]
+        scale = float(np.median(scales))
+        batch = self.records[-1]["batch_size"]
+        optimizer = _pipeline_optimizer(self.model.optimizer)
+        k = optimizer.accumulation_steps if optimizer is not None else 1
         if not batch:
             return (
-                f"Gradient noise scale ~ {scale:.3g} micro-batches (batch size "
-                "unknown: pass batch_size= for samples)."
+                f"Gradient noise scale ~ {scale:.3g} micro-batches (median "
+                "over training; batch size unknown: pass batch_size= for "
+                "samples)."
             )
         effective = batch * k
         unit = f"batch {effective}" + (f" ({k} x {batch})" if k > 1 else "")
+        history = (
+            f"Gradient noise scale B_simple: {_samples(scales[0])} at the "
+            f"start, {_samples(scales[-1])} at the end of training, median "
+            f"{_samples(scale)}"
+        )
         if not math.isfinite(scale):
             return (
-                f"Gradient noise scale: the mean gradient is not measurably "
-                f"above the noise at {unit}: larger batches (accumulation) "
-                "or a smaller learning rate would help."
+                f"{history}: the mean gradient was mostly not measurably "
+                f"above the noise at {unit}; larger batches (accumulation) "
+                "or a smaller learning rate would average it out."
             )
-        header = f"Gradient noise scale B_simple ~ {scale:.0f} samples; {unit}"
         if scale > 2 * effective:
             steps = max(2, math.ceil(scale / batch))
             return (
-                f"{header} is far below it: larger effective batches via "
-                f"accumulation_steps ~ {steps} would train with fewer updates "
-                "at little extra cost in samples."
+                f"{history}. {unit.capitalize()} is far below it: larger "
+                f"effective batches via accumulation_steps ~ {steps} would "
+                "train with fewer updates at little extra cost in samples."
             )
         if scale < 0.5 * effective:
             steps = max(1, math.floor(scale / batch))
             return (
-                f"{header} is well above it: smaller effective batches "
-                f"(accumulation_steps ~ {steps}) would use samples more "
-                "efficiently."
+                f"{history}. {unit.capitalize()} is well above it: smaller "
+                f"effective batches (accumulation_steps ~ {steps}) would use "
+                "samples more efficiently."
             )
         return (
-            f"{header} is close to it: a good trade-off between updates "
-            "and samples."
+            f"{history}. {unit.capitalize()} is close to it: a good "
+            "trade-off between updates and samples."
         )
+
+
+def _samples(value):
+    return f"{value:.0f} samples" if math.isfinite(value) else "unbounded"
 
 
 def _pipeline_optimizer(optimizer):

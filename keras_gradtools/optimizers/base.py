@@ -416,6 +416,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         return self._iterations
 
     def _prepare_gradients(self, grads, trainable_variables):
+        _check_single_replica()
         grads = list(grads)
         if trainable_variables is None:
             if not self.built:
@@ -876,6 +877,27 @@ def _check_learning_rate(learning_rate):
     if isinstance(learning_rate, (int, float)):
         return validation.check_float("learning_rate", learning_rate, 0)
     return learning_rate
+
+
+def _check_single_replica():
+    """Refuses data-parallel training until it is supported.
+
+    Without a cross-replica reduction each replica would apply its own
+    gradient and the replicas' weights would silently drift apart.
+    """
+    if backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        raise NotImplementedError(
+            f"keras_gradtools optimizers do not support tf.distribute with "
+            f"more than one replica yet (this strategy has {replicas}): the "
+            "gradients would not be reduced across replicas. Train on one "
+            "device, or use a Keras optimizer, until distribution support "
+            "lands (see docs/distribute_findings.md)."
+        )
 
 
 def _executing_eagerly():
