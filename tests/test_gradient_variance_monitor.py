@@ -9,7 +9,7 @@ from helpers import digits
 from helpers import tiny_classifier
 
 import keras_gradtools as kg
-from keras_gradtools.optimizers.base import STATISTICS_SMOOTHING
+from keras_gradtools.optimizers.statistics import STATISTICS_SMOOTHING
 
 D, NOISE, BATCH = 8, 1.0, 16
 

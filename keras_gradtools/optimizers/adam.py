@@ -6,7 +6,7 @@ from keras_gradtools import transforms
 from keras_gradtools.optimizers import validation
 from keras_gradtools.optimizers.base import SECOND_MOMENT_MODES
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.base import pipeline_keyword_args
+from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
 
 

@@ -1,7 +1,7 @@
 """AdamW: Adam with decoupled weight decay."""
 
 from keras_gradtools.optimizers.adam import Adam
-from keras_gradtools.optimizers.base import pipeline_keyword_args
+from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
 
 

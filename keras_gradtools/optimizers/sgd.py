@@ -4,7 +4,7 @@ from keras import ops
 
 from keras_gradtools.optimizers import validation
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.base import pipeline_keyword_args
+from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
 
 

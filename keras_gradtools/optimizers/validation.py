@@ -98,3 +98,33 @@ def _describe_range(minimum, maximum, low, high):
     if maximum is not None:
         return f"{'<' if high.endswith(')') else '<='} {maximum}"
     return "(any finite value)"
+
+
+def resolve_accumulation_steps(accumulation_steps, gradient_accumulation_steps):
+    """Returns K from `accumulation_steps` or its Keras alias (not both)."""
+    if gradient_accumulation_steps is not None:
+        if accumulation_steps is not None:
+            raise ValueError(
+                "Pass either `accumulation_steps` or its Keras alias "
+                "`gradient_accumulation_steps`, not both. Received: "
+                f"accumulation_steps={accumulation_steps!r}, "
+                f"gradient_accumulation_steps={gradient_accumulation_steps!r}"
+            )
+        return check_int(
+            "gradient_accumulation_steps", gradient_accumulation_steps, 1
+        )
+    if accumulation_steps is None:
+        return 1
+    return check_int("accumulation_steps", accumulation_steps, 1)
+
+
+def check_learning_rate(learning_rate):
+    """Returns a float >= 0 unchanged as float; schedules pass through."""
+    if isinstance(learning_rate, bool):
+        raise ValueError(
+            "`learning_rate` must be a float >= 0, a LearningRateSchedule or "
+            f"a callable. Received: learning_rate={learning_rate!r}"
+        )
+    if isinstance(learning_rate, (int, float)):
+        return check_float("learning_rate", learning_rate, 0)
+    return learning_rate

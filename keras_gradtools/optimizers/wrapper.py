@@ -4,8 +4,8 @@ from keras import optimizers
 from keras import saving
 
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.base import pipeline_keyword_args
 from keras_gradtools.optimizers.control_flow import run_if
+from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
 
 _INNER_SETTINGS_WE_OWN = (
@@ -124,14 +124,7 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
             "inner_optimizer": saving.serialize_keras_object(
                 self.inner_optimizer
             ),
-            "accumulation_steps": self.accumulation_steps,
-            "noise_eta": self.noise_eta,
-            "noise_gamma": self.noise_gamma,
-            "noise_seed": self.noise_seed,
-            "clip_micro_batches": self.clip_micro_batches,
-            "on_nonfinite": self.on_nonfinite,
-            "track_gradient_statistics": self.track_gradient_statistics,
-            "jit_compile": self.jit_compile,
+            **self._pipeline_config(),
             "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue,
             "global_clipnorm": self.global_clipnorm,

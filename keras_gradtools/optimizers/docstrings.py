@@ -1,0 +1,34 @@
+"""Argument documentation shared by every optimizer's docstring."""
+
+pipeline_keyword_args = """accumulation_steps: Int >= 1, defaults to 1. The
+            number of micro-batches (calls to `apply`) per update. The
+            weights move only on every `accumulation_steps`-th call, by the
+            mean gradient of the cycle. `gradient_accumulation_steps` (the
+            Keras name) is accepted as an alias.
+        noise_eta: Float >= 0, defaults to 0 (no noise). Variance `eta` of
+            the Gaussian noise added to the mean gradient at the first
+            update; update `t` (counting from 0) uses
+            `sigma_t**2 = eta / (1 + t)**gamma` (Neelakantan et al., 2015).
+        noise_gamma: Float >= 0, defaults to 0.55. The annealing exponent.
+        noise_seed: Int in [0, 2**31 - 1] or `None`. Seed of the stateless
+            noise stream; `None` draws one from Python's `random` module
+            (seeded by `keras.utils.set_random_seed`).
+        clip_micro_batches: Boolean, defaults to `False`. If `True`, the
+            clipping set by `clipnorm`, `clipvalue` or `global_clipnorm` is
+            applied to each micro-batch gradient before it is accumulated
+            instead of to the mean gradient at update time.
+        on_nonfinite: `"skip"` (default) or `"apply"`. With `"skip"`, a
+            micro-batch whose gradient holds a NaN or an infinity is left
+            out of the accumulators (and counted in
+            `skipped_micro_batches`); an update whose micro-batches were all
+            non-finite is skipped. `"apply"` is Keras's behaviour.
+        track_gradient_statistics: Boolean, defaults to `False`. If `True`,
+            measure `gradient_statistics()` inside every update (a few
+            scalar reductions over the mean gradient) and keep the sum of
+            squared gradients where the update rule does not already need
+            it, so that the variance and noise scale can be reported.
+            `GradientVarianceMonitor` switches this on.
+        jit_compile: Boolean, defaults to `True`. When `apply` is called
+            eagerly, run the whole update as one XLA-compiled function.
+            Inside a `tf.function` or `model.fit` the update is traced into
+            the caller's graph (and its XLA cluster, if it has one)."""
