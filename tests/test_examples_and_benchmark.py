@@ -52,3 +52,44 @@ def test_train_digits_quick_mode(tmp_path, capsys):
         picture = tmp_path / f"gradient_statistics_{run.replace('+', '_')}.png"
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Gradient noise scale B_simple" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled_step", [False, True])
+def test_custom_loop_quick_mode(compiled_step, capsys):
+    custom_loop = _load("examples/custom_loop.py")
+    argv = ["--quick"] + (["--compiled-step"] if compiled_step else [])
+    assert custom_loop.main(argv) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    micro, updates = [int(w) for w in summary.split() if w.isdigit()][:2]
+    assert updates == micro // 4 and micro == 2 * 57
+    accuracy = float(summary.split("train accuracy ")[1].split(",")[0])
+    assert 0.5 < accuracy <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_example_reports_bitwise_equality(tmp_path, capsys):
+    resume = _load("examples/resume.py")
+    assert resume.main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bitwise identical" in out
+    assert (tmp_path / "mid_cycle.keras").exists()
+
+
+@pytest.mark.slow
+def test_batch_size_advisor_quick_mode(capsys):
+    advisor = _load("examples/batch_size_advisor.py")
+    assert advisor.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "suggested accumulation_steps = " in out
+    steps = int(out.split("suggested accumulation_steps = ")[1].split()[0])
+    assert steps >= 1
+    assert "Gradient noise scale B_simple" in out
+
+
+def test_command_line_entry_point():
+    from keras_gradtools import cli
+
+    assert cli.main(["--help"]) == 0
+    assert cli.main([]) == 2
+    assert cli.main(["train-everything"]) == 2
