@@ -30,6 +30,8 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
       (McCandlish et al., 2018): batches much smaller than it are noise
       dominated; much larger ones waste samples.
     - `noise_std`: sigma_t of the injected noise (when noise is on).
+    - `skipped_micro_batches`: micro-batches left out so far because their
+      gradient was not finite (keras_gradtools optimizers).
 
     Two ways to measure, chosen at the start of `fit`:
 
@@ -225,6 +227,10 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         noise_std = self._noise_std()
         if noise_std is not None:
             values["noise_std"] = noise_std
+        if self._optimizer is not None:
+            values["skipped_micro_batches"] = float(
+                self._optimizer.skipped_micro_batches.numpy()
+            )
         updates = int(self.model.optimizer.iterations.numpy())
         self.records.append(
             {"step": step, "updates": updates, "batch_size": batch, **values}

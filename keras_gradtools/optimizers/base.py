@@ -372,6 +372,20 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
                 )
         one = ops.ones((), "float32")
         _restart_or_add(self._cycle_micro_batches, one, finite, first)
+        present = {self._get_variable_index(v) for v in variables}
+        absent = [
+            accumulator
+            for i, accumulator in enumerate(
+                self._gradient_sums + self._square_sums
+            )
+            if accumulator is not None
+            and i % len(self._trainable_variables) not in present
+        ]
+        if absent:
+            # A variable without a gradient here (None, or frozen for this
+            # fit) must still start the cycle from zero, or stale sums would
+            # return when it gets gradients again.
+            run_if(first, lambda: _zero(absent))
 
     def _finish_cycle(self, variables):
         count = self._cycle_micro_batches.value
@@ -611,6 +625,11 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
 GradientPipelineOptimizer.__doc__ = GradientPipelineOptimizer.__doc__.replace(
     "{{pipeline_keyword_args}}", pipeline_keyword_args
 )
+
+
+def _zero(accumulators):
+    for accumulator in accumulators:
+        accumulator.assign(ops.zeros_like(accumulator))
 
 
 def _restart_or_add(accumulator, value, finite, first):
