@@ -45,6 +45,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  (benchmarks/machine.py)
+
 K = 4  # accumulation steps of the accumulating configurations
 
 # (row name, key, K). Keys are resolved in `_make_optimizer`, so importing
@@ -162,24 +165,6 @@ def _shapes(num_params):
 
 # ----------------------------------------------------------------------
 # Machine description.
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count()
 
 
 # ----------------------------------------------------------------------
@@ -412,7 +397,8 @@ def main(argv=None):
     command = shlex.join(["python", "benchmarks/step_cost.py", *argv])
     print(f"command:  {command}")
     print(f"date:     {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"cpu:      {_cpu_model()} ({_cpu_count()} cores available)")
+    cores = machine.cpu_count()
+    print(f"cpu:      {machine.cpu_model()} ({cores} cores available)")
     print(f"load:     {_load()} (1/5/15-min load average at start)")
     print(
         f"software: Python {platform.python_version()}, TensorFlow "

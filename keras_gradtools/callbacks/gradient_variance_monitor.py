@@ -106,7 +106,6 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self._writer = None
         self._probe = None
         self._seen_batch_size = None
-        self._original_train_step = None
 
     # ------------------------------------------------------------------
     # Choosing the mode.
@@ -155,26 +154,28 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         return "probe"
 
     def _record_batch_size(self):
-        """Wraps `model.train_step` to note the largest batch `fit` feeds it
-        (the batch size; a last, smaller batch does not count), in-graph."""
-        self._seen_batch_size = tf.Variable(0, dtype=tf.int32, trainable=False)
-        original = self.model.train_step
-        seen = self._seen_batch_size
+        """Wraps `model.train_step` once per model to note the largest batch
+        `fit` feeds it (the batch size; a last, smaller batch does not
+        count), in-graph. The wrapper stays, so later fits reuse the traced
+        step instead of retracing it."""
+        seen = getattr(self.model, "_keras_gradtools_batch_size", None)
+        if seen is None:
+            seen = tf.Variable(0, dtype=tf.int32, trainable=False)
+            original = self.model.train_step
 
-        def train_step(data):
-            x = data[0] if isinstance(data, (tuple, list)) else data
-            seen.assign(tf.maximum(seen, tf.shape(tf.nest.flatten(x)[0])[0]))
-            return original(data)
+            def train_step(data):
+                x = data[0] if isinstance(data, (tuple, list)) else data
+                size = tf.shape(tf.nest.flatten(x)[0])[0]
+                seen.assign(tf.maximum(seen, size))
+                return original(data)
 
-        self._original_train_step = original
-        self.model.train_step = train_step
-        self.model.make_train_function(force=True)
+            # object.__setattr__: neither is a model weight to track or save.
+            object.__setattr__(self.model, "_keras_gradtools_batch_size", seen)
+            object.__setattr__(self.model, "train_step", train_step)
+            self.model.make_train_function(force=True)
+        self._seen_batch_size = seen
 
     def on_train_end(self, logs=None):
-        if self._original_train_step is not None:
-            self.model.train_step = self._original_train_step
-            self._original_train_step = None
-            self.model.make_train_function(force=True)
         if self._writer is not None:
             self._writer.flush()
         self.advice = self._advice()
