@@ -93,3 +93,13 @@ def test_command_line_entry_point():
     assert cli.main(["--help"]) == 0
     assert cli.main([]) == 2
     assert cli.main(["train-everything"]) == 2
+
+
+@pytest.mark.slow
+def test_fit_throughput_quick_mode(capsys):
+    fit_throughput = _load("benchmarks/fit_throughput.py")
+    assert fit_throughput.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("benchmark: ok")
+    for row in ["monitor overhead", "ours K=4 / ours K=1", "peak RSS MB"]:
+        assert row in out
