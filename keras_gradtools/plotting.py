@@ -2,6 +2,7 @@
 
 import math
 import os
+from typing import Any
 
 # (tag, panel title, y-axis label)
 PANELS = (
@@ -23,7 +24,11 @@ PANELS = (
 )
 
 
-def plot_gradient_statistics(history_or_logdir, path, title=None):
+def plot_gradient_statistics(
+    history_or_logdir: Any,
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> str | os.PathLike:
     """Writes a PNG of gradient variance, SNR and noise scale over training.
 
     Args:

@@ -2,6 +2,7 @@
 
 import math
 import os
+from typing import Literal
 
 import keras
 import numpy as np
@@ -74,15 +75,15 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
 
     def __init__(
         self,
-        log_dir=None,
-        update_freq="epoch",
-        probe_data=None,
-        probe_batches=8,
-        per_layer=False,
-        histogram_freq=0,
-        batch_size=None,
-        verbose=1,
-    ):
+        log_dir: str | os.PathLike | None = None,
+        update_freq: Literal["epoch"] | int = "epoch",
+        probe_data: tf.data.Dataset | tuple | None = None,
+        probe_batches: int = 8,
+        per_layer: bool = False,
+        histogram_freq: int = 0,
+        batch_size: int | None = None,
+        verbose: int = 1,
+    ) -> None:
         super().__init__()
         if update_freq != "epoch":
             update_freq = validation.check_int("update_freq", update_freq, 1)

@@ -1,5 +1,7 @@
 """Adam, with the second moment formed from micro-batch statistics."""
 
+from typing import Any
+
 from keras import ops
 
 from keras_gradtools import transforms
@@ -8,6 +10,8 @@ from keras_gradtools.optimizers.base import SECOND_MOMENT_MODES
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
+from keras_gradtools.types import LearningRate
+from keras_gradtools.types import SecondMoment
 
 
 @register
@@ -57,15 +61,15 @@ class Adam(GradientPipelineOptimizer):
 
     def __init__(
         self,
-        learning_rate=0.001,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-7,
-        amsgrad=False,
-        second_moment="micro",
-        name="adam",
-        **kwargs,
-    ):
+        learning_rate: LearningRate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        second_moment: SecondMoment = "micro",
+        name: str = "adam",
+        **kwargs: Any,
+    ) -> None:
         beta_1 = validation.check_float("beta_1", beta_1, 0, 1, open_max=True)
         beta_2 = validation.check_float("beta_2", beta_2, 0, 1, open_max=True)
         epsilon = validation.check_float("epsilon", epsilon, minimum=0)

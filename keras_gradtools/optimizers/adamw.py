@@ -1,8 +1,12 @@
 """AdamW: Adam with decoupled weight decay."""
 
+from typing import Any
+
 from keras_gradtools.optimizers.adam import Adam
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
+from keras_gradtools.types import LearningRate
+from keras_gradtools.types import SecondMoment
 
 
 @register
@@ -31,16 +35,16 @@ class AdamW(Adam):
 
     def __init__(
         self,
-        learning_rate=0.001,
-        weight_decay=0.004,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-7,
-        amsgrad=False,
-        second_moment="micro",
-        name="adamw",
-        **kwargs,
-    ):
+        learning_rate: LearningRate = 0.001,
+        weight_decay: float = 0.004,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        second_moment: SecondMoment = "micro",
+        name: str = "adamw",
+        **kwargs: Any,
+    ) -> None:
         if weight_decay is None:
             raise ValueError(
                 "`weight_decay` must be a float >= 0 for AdamW (use Adam for "

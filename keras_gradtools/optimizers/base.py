@@ -26,6 +26,8 @@ optimizers do, writing through `self.assign*` so that a skipped update
 
 import contextlib
 import random
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 from keras import backend
@@ -41,6 +43,9 @@ from keras_gradtools.optimizers.control_flow import run_if
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.optimizers.statistics import STATISTICS
 from keras_gradtools.optimizers.statistics import GradientStatisticsMixin
+from keras_gradtools.types import LearningRate
+from keras_gradtools.types import NonfinitePolicy
+from keras_gradtools.types import TensorLike
 
 # Saved state is ordered by role, whatever the order the variables were
 # created in (statistics can be switched on after the optimizer was built).
@@ -79,18 +84,18 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate,
-        accumulation_steps=None,
-        noise_eta=0.0,
-        noise_gamma=0.55,
-        noise_seed=None,
-        clip_micro_batches=False,
-        on_nonfinite="skip",
-        track_gradient_statistics=False,
-        jit_compile=True,
-        gradient_accumulation_steps=None,
-        **kwargs,
-    ):
+        learning_rate: LearningRate,
+        accumulation_steps: int | None = None,
+        noise_eta: float = 0.0,
+        noise_gamma: float = 0.55,
+        noise_seed: int | None = None,
+        clip_micro_batches: bool = False,
+        on_nonfinite: NonfinitePolicy = "skip",
+        track_gradient_statistics: bool = False,
+        jit_compile: bool = True,
+        gradient_accumulation_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         accumulation_steps = validation.resolve_accumulation_steps(
             accumulation_steps, gradient_accumulation_steps
         )
@@ -259,7 +264,11 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
     # ------------------------------------------------------------------
     # Entry point.
 
-    def apply(self, grads, trainable_variables=None):
+    def apply(
+        self,
+        grads: Sequence[TensorLike | None],
+        trainable_variables: Sequence[keras.Variable] | None = None,
+    ) -> keras.Variable:
         """Consumes the gradients of one micro-batch.
 
         Args:

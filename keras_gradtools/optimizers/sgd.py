@@ -1,11 +1,14 @@
 """Stochastic gradient descent with momentum, behind the gradient pipeline."""
 
+from typing import Any
+
 from keras import ops
 
 from keras_gradtools.optimizers import validation
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
+from keras_gradtools.types import LearningRate
 
 
 @register
@@ -39,12 +42,12 @@ class SGD(GradientPipelineOptimizer):
 
     def __init__(
         self,
-        learning_rate=0.01,
-        momentum=0.0,
-        nesterov=False,
-        name="SGD",
-        **kwargs,
-    ):
+        learning_rate: LearningRate = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        name: str = "SGD",
+        **kwargs: Any,
+    ) -> None:
         momentum = validation.check_float("momentum", momentum, 0, 1)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = momentum

@@ -7,6 +7,8 @@ accumulated sums are read anyway, and `_record_statistics` with the writes
 of the update (so a skipped update records nothing).
 """
 
+from typing import Any
+
 from keras import ops
 
 from keras_gradtools import transforms
@@ -61,7 +63,7 @@ class GradientStatisticsMixin:
                 self._trainable_variables, "square_sum"
             )
 
-    def enable_gradient_statistics(self):
+    def enable_gradient_statistics(self) -> None:
         """Switches `track_gradient_statistics` on, also after `build`.
 
         Used by `GradientVarianceMonitor` at the start of `fit`. The missing
@@ -88,7 +90,7 @@ class GradientStatisticsMixin:
         else:
             self.track_gradient_statistics = True
 
-    def gradient_statistics(self):
+    def gradient_statistics(self) -> dict[str, Any]:
         """Returns a snapshot of the gradient statistics of the last update.
 
         With `track_gradient_statistics=True`, statistics are measured
@@ -179,7 +181,7 @@ class GradientStatisticsMixin:
             )
             smooth(old, value)
 
-    def running_gradient_statistics(self):
+    def running_gradient_statistics(self) -> dict[str, Any]:
         """Returns bias-corrected running averages of the statistics.
 
         The variance tr(Sigma_M) and the squared mean |E g|**2 are averaged

@@ -1,5 +1,7 @@
 """Gives any Keras optimizer the gradient pipeline ("macro" semantics)."""
 
+from typing import Any
+
 from keras import optimizers
 from keras import saving
 
@@ -7,6 +9,7 @@ from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 from keras_gradtools.optimizers.control_flow import run_if
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
+from keras_gradtools.types import NonfinitePolicy
 
 _INNER_SETTINGS_WE_OWN = (
     "clipnorm",
@@ -43,21 +46,21 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
 
     def __init__(
         self,
-        inner_optimizer,
-        accumulation_steps=None,
-        noise_eta=0.0,
-        noise_gamma=0.55,
-        noise_seed=None,
-        clip_micro_batches=False,
-        on_nonfinite="skip",
-        track_gradient_statistics=False,
-        jit_compile=True,
-        clipnorm=None,
-        clipvalue=None,
-        global_clipnorm=None,
-        gradient_accumulation_steps=None,
-        name=None,
-    ):
+        inner_optimizer: optimizers.Optimizer | str,
+        accumulation_steps: int | None = None,
+        noise_eta: float = 0.0,
+        noise_gamma: float = 0.55,
+        noise_seed: int | None = None,
+        clip_micro_batches: bool = False,
+        on_nonfinite: NonfinitePolicy = "skip",
+        track_gradient_statistics: bool = False,
+        jit_compile: bool = True,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str | None = None,
+    ) -> None:
         inner_optimizer = _check_inner(inner_optimizer)
         super().__init__(
             learning_rate=0.0,
@@ -144,7 +147,9 @@ GradientPipelineWrapper.__doc__ = GradientPipelineWrapper.__doc__.replace(
 )
 
 
-def wrap(optimizer, **kwargs):
+def wrap(
+    optimizer: optimizers.Optimizer | str, **kwargs: Any
+) -> GradientPipelineWrapper:
     """Gives any Keras optimizer accumulation, clipping, noise and statistics.
 
     Args:

@@ -8,8 +8,12 @@ variance of the micro-batch gradients is `W = S / count - g_bar**2`
 
 from keras import ops
 
+from keras_gradtools.types import TensorLike
 
-def micro_batch_variance(mean_square, mean):
+
+def micro_batch_variance(
+    mean_square: TensorLike, mean: TensorLike
+) -> TensorLike:
     """Returns the elementwise within-update variance `W >= 0`.
 
     Args:
@@ -23,7 +27,11 @@ def micro_batch_variance(mean_square, mean):
     return ops.maximum(ops.subtract(mean_square, ops.square(mean)), 0.0)
 
 
-def micro_second_moment_input(update_gradient, variance, clip_factor=None):
+def micro_second_moment_input(
+    update_gradient: TensorLike,
+    variance: TensorLike,
+    clip_factor: TensorLike | None = None,
+) -> TensorLike:
     """Returns `u = g_tilde**2 + c**2 * W`, the per-update input to Adam's
     second moment in "micro" mode.
 

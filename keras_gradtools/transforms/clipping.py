@@ -6,10 +6,14 @@ within-update variance by `c²` (DESIGN.md §2). The factor is a scalar for the
 norm modes and elementwise for clipping by value.
 """
 
+from collections.abc import Sequence
+
 from keras import ops
 
+from keras_gradtools.types import TensorLike
 
-def global_norm(tensors):
+
+def global_norm(tensors: Sequence[TensorLike]) -> TensorLike:
     """Returns the L2 norm of all `tensors` taken together.
 
     Args:
@@ -22,20 +26,24 @@ def global_norm(tensors):
     return ops.sqrt(ops.sum(ops.stack(squared)))
 
 
-def flat_sum(tensor):
+def flat_sum(tensor: TensorLike) -> TensorLike:
     """`sum(tensor)` over a 1-D view: XLA on CPU reduces a flat array in one
     pass but an N-D one through a tree of reduce-windows (measured 2x)."""
     return ops.sum(ops.reshape(tensor, (-1,)))
 
 
-def clip_by_value(tensors, clipvalue):
+def clip_by_value(
+    tensors: Sequence[TensorLike], clipvalue: float
+) -> tuple[list[TensorLike], list[TensorLike]]:
     """Clips every element of every tensor to `[-clipvalue, clipvalue]`."""
     clipped = [ops.clip(t, -clipvalue, clipvalue) for t in tensors]
     factors = [_elementwise_factor(t, c) for t, c in zip(tensors, clipped)]
     return clipped, factors
 
 
-def clip_by_norm(tensors, clipnorm):
+def clip_by_norm(
+    tensors: Sequence[TensorLike], clipnorm: float
+) -> tuple[list[TensorLike], list[TensorLike]]:
     """Rescales each tensor on its own so that its L2 norm is at most
     `clipnorm` (the same rule as `tf.clip_by_norm`)."""
     clipped, factors = [], []
@@ -52,7 +60,9 @@ def clip_by_norm(tensors, clipnorm):
     return clipped, factors
 
 
-def clip_by_global_norm(tensors, clipnorm):
+def clip_by_global_norm(
+    tensors: Sequence[TensorLike], clipnorm: float
+) -> tuple[list[TensorLike], list[TensorLike]]:
     """Rescales all tensors by one factor so that their global norm is at
     most `clipnorm` (the same rule as `keras.optimizers` uses).
 
@@ -66,8 +76,11 @@ def clip_by_global_norm(tensors, clipnorm):
 
 
 def clip_gradients(
-    gradients, clipvalue=None, clipnorm=None, global_clipnorm=None
-):
+    gradients: Sequence[TensorLike],
+    clipvalue: float | None = None,
+    clipnorm: float | None = None,
+    global_clipnorm: float | None = None,
+) -> tuple[list[TensorLike], list[TensorLike | None]]:
     """Applies at most one clipping mode to a list of gradients.
 
     Args:

@@ -9,9 +9,10 @@ import math
 from keras import ops
 
 from keras_gradtools.transforms.threefry import standard_normal
+from keras_gradtools.types import TensorLike
 
 
-def noise_std(eta, gamma, step):
+def noise_std(eta: float, gamma: float, step: TensorLike) -> TensorLike:
     """Returns the standard deviation `sigma_t` of the injected noise.
 
     Args:
@@ -31,7 +32,12 @@ def noise_std(eta, gamma, step):
     return ops.sqrt(eta / ops.power(1.0 + t, gamma))
 
 
-def gaussian_noise_like(reference, seed, tensor_index, step):
+def gaussian_noise_like(
+    reference: TensorLike,
+    seed: TensorLike,
+    tensor_index: int,
+    step: TensorLike,
+) -> TensorLike:
     """Draws standard normal noise shaped like `reference` (float32).
 
     The noise is a pure function of `(seed, tensor_index, step)`: one

@@ -16,9 +16,12 @@ where `g_bar` and `q` are read anyway: no extra pass over the parameters.
 from keras import ops
 
 from keras_gradtools.transforms.clipping import flat_sum
+from keras_gradtools.types import TensorLike
 
 
-def variance_and_square_norm(mean, mean_square, count):
+def variance_and_square_norm(
+    mean: TensorLike, mean_square: TensorLike, count: TensorLike
+) -> tuple[TensorLike, TensorLike]:
     """Per-tensor partial sums `(sum(s2), sum(g_bar**2))`.
 
     Args:
@@ -37,7 +40,9 @@ def variance_and_square_norm(mean, mean_square, count):
     )
 
 
-def gradient_statistics_from_sums(variance, mean_square_norm, count):
+def gradient_statistics_from_sums(
+    variance: TensorLike, mean_square_norm: TensorLike, count: TensorLike
+) -> dict[str, TensorLike]:
     """Turns the summed per-tensor parts into the reported statistics.
 
     Args:
@@ -71,7 +76,9 @@ def gradient_statistics_from_sums(variance, mean_square_norm, count):
     return {k: ops.where(valid, v, nan) for k, v in stats.items()}
 
 
-def noise_scale_and_snr(variance, mean_norm_sq, count):
+def noise_scale_and_snr(
+    variance: TensorLike, mean_norm_sq: TensorLike, count: TensorLike
+) -> tuple[TensorLike, TensorLike]:
     """`B_simple = variance / mean_norm_sq` (micro-batches) and
     `snr = mean_norm_sq / (variance / count)`.
 

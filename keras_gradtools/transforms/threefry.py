@@ -20,6 +20,8 @@ import math
 
 from keras import ops
 
+from keras_gradtools.types import TensorLike
+
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = 0x1BD11BDA
 
@@ -30,7 +32,9 @@ def _rotate_left(x, bits):
     )
 
 
-def threefry2x32(key, counter):
+def threefry2x32(
+    key: tuple[TensorLike, TensorLike], counter: tuple[TensorLike, TensorLike]
+) -> tuple[TensorLike, TensorLike]:
     """The Threefry-2x32-20 block function on uint32 tensors.
 
     Args:
@@ -55,7 +59,9 @@ def threefry2x32(key, counter):
     return x0, x1
 
 
-def standard_normal(count, key, stream):
+def standard_normal(
+    count: int, key: tuple[TensorLike, TensorLike], stream: TensorLike
+) -> TensorLike:
     """Returns `count` i.i.d. N(0, 1) float32 samples.
 
     Samples `2i` and `2i + 1` come from the two words of counter
@@ -77,7 +83,7 @@ def standard_normal(count, key, stream):
     return ops.reshape(normal_from_bits(bits), (-1,))[:count]
 
 
-def normal_from_bits(bits):
+def normal_from_bits(bits: TensorLike) -> TensorLike:
     """Maps uint32 random words to N(0, 1) samples by inverse transform.
 
     The top 23 bits `b` give `x = (b + 0.5) / 2**22 - 1`, uniform on the
