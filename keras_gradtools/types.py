@@ -11,6 +11,6 @@ LearningRate = (
     float | keras.optimizers.schedules.LearningRateSchedule | Callable[[], Any]
 )
 SecondMoment = Literal["micro", "macro"]
-NonfinitePolicy = Literal["skip", "apply"]
+NonfinitePolicy = Literal["skip", "apply", "raise"]
 # Whatever `keras.ops` accepts: backend tensors, keras.Variables, arrays.
 TensorLike = Any

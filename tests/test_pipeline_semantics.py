@@ -188,3 +188,49 @@ def test_gradient_statistics_is_a_snapshot(rng):
     later = optimizer.gradient_statistics()
     np.testing.assert_allclose(float(later["grad_norm"]), 10.0)
     assert float(later["noise_std"]) == 0.0
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_on_nonfinite_raise_eagerly_names_the_variable(jit_compile, rng):
+    variables = make_variables(rng)
+    optimizer = kg.Adam(
+        0.1, accumulation_steps=2, on_nonfinite="raise", jit_compile=jit_compile
+    )
+    optimizer.apply(random_gradients(rng, variables), variables)
+    state = values(variables) + [
+        np.array(v.numpy()) for v in optimizer.variables
+    ]
+    bad = random_gradients(rng, variables)
+    bad[1][2] = np.inf
+    with pytest.raises(
+        FloatingPointError, match=r"micro-batch 1 .*" + variables[1].path
+    ):
+        optimizer.apply(bad, variables)
+    after = values(variables) + [
+        np.array(v.numpy()) for v in optimizer.variables
+    ]
+    for a, b in zip(state, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_on_nonfinite_raise_in_graphs(rng):
+    import tensorflow as tf
+
+    variables = make_variables(rng)
+    optimizer = kg.SGD(0.1, on_nonfinite="raise")
+    optimizer.build(variables)
+
+    def step(grads):
+        optimizer.apply(list(grads), variables)
+
+    bad = random_gradients(rng, variables)
+    bad[0][0, 0] = np.nan
+    bad = tuple(tf.constant(g) for g in bad)
+    before = values(variables)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="non-finite gradient"
+    ):
+        tf.function(step)(bad)
+    assert max_abs_difference(values(variables), before) == 0.0
+    with pytest.raises(ValueError, match="XLA"):
+        tf.function(step, jit_compile=True)(bad)

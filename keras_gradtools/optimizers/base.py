@@ -60,7 +60,7 @@ _ROLE_ORDER = (
     "running_statistic",
 )
 SECOND_MOMENT_MODES = ("micro", "macro")
-NONFINITE_POLICIES = ("skip", "apply")
+NONFINITE_POLICIES = ("skip", "apply", "raise")
 
 
 class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
@@ -282,10 +282,16 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
             The update counter `iterations`.
         """
         grads, variables = self._prepare_gradients(grads, trainable_variables)
-        if self.jit_compile and gradient_checks.executing_eagerly():
-            self._apply_compiled(grads, variables)
-        else:
-            self._apply_pipeline(grads, variables)
+        guard = contextlib.nullcontext()
+        if self.on_nonfinite == "raise":
+            guard = gradient_checks.raise_if_nonfinite(
+                grads, variables, self._micro_steps.value
+            )
+        with guard:
+            if self.jit_compile and gradient_checks.executing_eagerly():
+                self._apply_compiled(grads, variables)
+            else:
+                self._apply_pipeline(grads, variables)
         return self._iterations
 
     def _prepare_gradients(self, grads, trainable_variables):

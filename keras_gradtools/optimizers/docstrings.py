@@ -17,11 +17,15 @@ pipeline_keyword_args = """accumulation_steps: Int >= 1, defaults to 1. The
             clipping set by `clipnorm`, `clipvalue` or `global_clipnorm` is
             applied to each micro-batch gradient before it is accumulated
             instead of to the mean gradient at update time.
-        on_nonfinite: `"skip"` (default) or `"apply"`. With `"skip"`, a
-            micro-batch whose gradient holds a NaN or an infinity is left
-            out of the accumulators (and counted in
+        on_nonfinite: `"skip"` (default), `"raise"` or `"apply"`. With
+            `"skip"`, a micro-batch whose gradient holds a NaN or an
+            infinity is left out of the accumulators (and counted in
             `skipped_micro_batches`); an update whose micro-batches were all
-            non-finite is skipped. `"apply"` is Keras's behaviour.
+            non-finite is skipped. `"raise"` raises before anything is
+            written (a `FloatingPointError` naming the micro-batch and the
+            variables when `apply` runs eagerly; a failed assertion in a
+            graph; not possible inside an XLA-compiled step, which is
+            refused when traced). `"apply"` is Keras's behaviour.
         track_gradient_statistics: Boolean, defaults to `False`. If `True`,
             measure `gradient_statistics()` inside every update (a few
             scalar reductions over the mean gradient) and keep the sum of

@@ -1,6 +1,8 @@
 """What `apply` does to the gradients it is given before the pipeline:
 input checks, densifying, the finite check, and the single-replica guard."""
 
+import contextlib
+
 from keras import backend
 from keras import ops
 
@@ -80,3 +82,64 @@ def all_finite(grads):
         return ops.all(ops.stack(flags))
 
     return ops.cond(ops.isfinite(total), lambda: ops.array(True), exact)
+
+
+def raise_if_nonfinite(grads, variables, micro_step):
+    """`on_nonfinite="raise"`: fails before anything is written.
+
+    Returns a context manager to run the update in: in a graph, it makes
+    every op of the update wait for the assertion.
+
+    Eagerly, the check runs on the host and names the variables whose
+    gradient holds a NaN or an infinity. In a graph, a `tf.debugging.Assert`
+    fails the step. XLA drops assertions, so inside an XLA-compiled step
+    (`jit_compile=True`, Keras's default for `fit`) the mode cannot work and
+    this raises a `ValueError` when the step is traced.
+
+    Raises:
+        FloatingPointError: eagerly, for a non-finite gradient.
+        ValueError: when traced inside an XLA-compiled function.
+    """
+    if executing_eagerly():
+        bad = [
+            getattr(v, "path", v.name)
+            for g, v in zip(grads, variables)
+            if not bool(ops.all(ops.isfinite(g)))
+        ]
+        if bad:
+            raise FloatingPointError(
+                f"on_nonfinite='raise': the gradient of micro-batch "
+                f"{int(micro_step)} holds NaN or inf for {bad}; nothing was "
+                "applied."
+            )
+        return contextlib.nullcontext()
+    if _in_xla_context():
+        raise ValueError(
+            "on_nonfinite='raise' cannot raise inside an XLA-compiled step: "
+            "XLA drops assertions. Compile the model with jit_compile=False "
+            "(or call apply eagerly), or use on_nonfinite='skip'."
+        )
+    import tensorflow as tf
+
+    check = tf.debugging.Assert(
+        all_finite(grads),
+        [
+            "on_nonfinite='raise': non-finite gradient at micro-batch",
+            micro_step,
+        ],
+    )
+    return tf.control_dependencies([check])
+
+
+def _in_xla_context():
+    """Whether the graph being traced will be compiled by XLA.
+
+    The one private TensorFlow call of the package: TensorFlow has no
+    public way to ask this.
+    """
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    )
