@@ -37,8 +37,9 @@ def test_absent_variable_restarts_its_sums_each_cycle(rng):
 
 
 def test_sparse_embedding_gradients_equal_the_dense_computation():
-    keras.utils.set_random_seed(0)
-    ids = np.random.default_rng(0).integers(0, 50, size=(4, 8, 6))
+    """Rows are scattered into the sums (repeated ids summed first); the
+    result, statistics included, equals densifying every gradient."""
+    ids = np.random.default_rng(0).integers(0, 20, size=(4, 8, 6))
     targets = np.random.default_rng(1).normal(size=(4, 8, 1)).astype("float32")
 
     def run(densify):
@@ -57,7 +58,9 @@ def test_sparse_embedding_gradients_equal_the_dense_computation():
             noise_eta=1e-3,
             noise_seed=1,
             global_clipnorm=1.0,
+            track_gradient_statistics=True,
         )
+        initial = model.get_weights()[0]
         kinds = set()
         for x, y in zip(ids, targets):
             with tf.GradientTape() as tape:
@@ -67,13 +70,30 @@ def test_sparse_embedding_gradients_equal_the_dense_computation():
             if densify:
                 grads = [tf.convert_to_tensor(g) for g in grads]
             optimizer.apply(grads, model.trainable_variables)
-        return model.get_weights(), kinds
+        stats = {
+            k: float(v) for k, v in optimizer.gradient_statistics().items()
+        }
+        return model.get_weights(), stats, kinds, initial
 
-    sparse, kinds = run(densify=False)
-    dense, _ = run(densify=True)
+    sparse, sparse_stats, kinds, initial = run(densify=False)
+    dense, dense_stats, _, _ = run(densify=True)
     assert "IndexedSlices" in kinds
     for s, d in zip(sparse, dense):
-        np.testing.assert_array_equal(s, d)
+        np.testing.assert_allclose(s, d, rtol=1e-6, atol=1e-7)
+    for key, value in dense_stats.items():
+        np.testing.assert_allclose(sparse_stats[key], value, rtol=1e-5)
+    untouched = np.setdiff1d(np.arange(50), ids)
+    assert untouched.size  # rows no id touched: moved by noise alone
+    assert not np.allclose(
+        sparse[0][untouched], run_initial_embedding()[untouched]
+    )
+
+
+def run_initial_embedding():
+    keras.utils.set_random_seed(0)
+    layer = keras.layers.Embedding(50, 4)
+    layer.build((None, 6))
+    return layer.get_weights()[0]
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -271,3 +291,28 @@ def test_config_round_trip_is_the_identity(
     )  # fmt: skip
     config = optimizer.get_config()
     assert kg.AdamW.from_config(config).get_config() == config
+
+
+def test_freeze_and_unfreeze_between_fits():
+    x, y = digits(256)
+    model = tiny_classifier()
+    optimizer = kg.Adam(1e-2, accumulation_steps=3)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss)
+    model.fit(x, y, batch_size=32, verbose=0)  # 8 micro-batches: mid-cycle
+    first = model.layers[0]
+    first.trainable = False
+    model.compile(optimizer=optimizer, loss=loss)
+    frozen = [w.copy() for w in first.get_weights()]
+    model.fit(x, y, batch_size=32, verbose=0)
+    for a, b in zip(frozen, first.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    first.trainable = True
+    model.compile(optimizer=optimizer, loss=loss)
+    model.fit(x, y, batch_size=32, verbose=0)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(frozen, first.get_weights())
+    )
+    assert int(optimizer.micro_steps.numpy()) == 24
+    assert int(optimizer.iterations.numpy()) == 8
+    assert all(np.isfinite(w).all() for w in model.get_weights())

@@ -321,11 +321,15 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
         grads, variables = self._overwrite_variables_directly_with_gradients(
             grads, variables
         )
-        grads = [gradient_checks.dense(g) for g in grads]
+        if not self._accumulates_sparse_rows:
+            grads = [gradient_checks.dense(g) for g in grads]
         for grad, variable in zip(grads, variables):
             gradient_checks.check_gradient_matches(grad, variable)
         if self.loss_scale_factor is not None:
-            grads = [g / self.loss_scale_factor for g in grads]
+            grads = [
+                _map_gradient(g, lambda x: x / self.loss_scale_factor)
+                for g in grads
+            ]
         return grads, variables
 
     def _apply_compiled(self, grads, variables):
@@ -349,7 +353,10 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
 
     def _apply_pipeline(self, grads, variables):
         with keras.name_scope(self.name, caller=self):
-            grads = [ops.cast(g, "float32") for g in grads]
+            grads = [
+                _map_gradient(g, lambda x: ops.cast(x, "float32"))
+                for g in grads
+            ]
             if self.clip_micro_batches:
                 grads, _ = self._clip(grads)
             finite = None
@@ -380,6 +387,9 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
         them (zeroing inside the update costs a copy and a write)."""
         for grad, variable in zip(grads, variables):
             index = self._get_variable_index(variable)
+            if _is_sparse(grad):
+                self._accumulate_rows(index, grad, finite, first)
+                continue
             _restart_or_add(self._gradient_sums[index], grad, finite, first)
             if self._square_sums:
                 _restart_or_add(
@@ -401,6 +411,32 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
             # fit) must still start the cycle from zero, or stale sums would
             # return when it gets gradients again.
             run_if(first, lambda: _zero(absent))
+
+    @property
+    def _accumulates_sparse_rows(self):
+        """Sparse gradients stay sparse only where they are accumulated row
+        by row (clipping each micro-batch needs them dense)."""
+        return (
+            backend.backend() == "tensorflow"
+            and self.accumulation_steps > 1
+            and not self.clip_micro_batches
+        )
+
+    def _accumulate_rows(self, index, grad, finite, first):
+        from keras_gradtools.optimizers import sparse
+
+        grad = sparse.deduplicate(grad)
+        sparse.restart_or_scatter_add(
+            self._gradient_sums[index], grad.values, grad.indices, finite, first
+        )
+        if self._square_sums:
+            sparse.restart_or_scatter_add(
+                self._square_sums[index],
+                ops.square(grad.values),
+                grad.indices,
+                finite,
+                first,
+            )
 
     def _finish_cycle(self, variables):
         count = self._cycle_micro_batches.value
@@ -658,3 +694,16 @@ def _restart_or_add(accumulator, value, finite, first):
     if finite is not None:
         value = ops.where(finite, value, ops.zeros_like(value))
     accumulator.assign(ops.add(previous, value))
+
+
+def _is_sparse(grad):
+    return type(grad).__name__ == "IndexedSlices"
+
+
+def _map_gradient(grad, fn):
+    """`fn(grad)`, or `fn` on the values of a sparse gradient."""
+    if _is_sparse(grad):
+        from keras_gradtools.optimizers import sparse
+
+        return sparse.map_values(grad, fn)
+    return fn(grad)
