@@ -316,3 +316,52 @@ def test_freeze_and_unfreeze_between_fits():
     assert int(optimizer.micro_steps.numpy()) == 24
     assert int(optimizer.iterations.numpy()) == 8
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+@PROPERTY
+@given(
+    shapes=shapes,
+    rule=st.sampled_from(["sgd", "adam", "adamw"]),
+    momentum=st.floats(0.0, 0.99),
+    nesterov=st.booleans(),
+    beta_1=st.floats(0.0, 0.95),
+    beta_2=st.floats(0.5, 0.999),
+    clip=clips,
+    seed=st.integers(0, 2**16),
+)
+def test_k1_is_keras(
+    shapes, rule, momentum, nesterov, beta_1, beta_2, clip, seed
+):
+    pairs = {
+        "sgd": (
+            lambda **kw: kg.SGD(
+                0.1, momentum=momentum, nesterov=nesterov, **kw
+            ),
+            lambda **kw: keras.optimizers.SGD(
+                0.1, momentum=momentum, nesterov=nesterov, **kw
+            ),
+        ),
+        "adam": (
+            lambda **kw: kg.Adam(0.01, beta_1=beta_1, beta_2=beta_2, **kw),
+            lambda **kw: keras.optimizers.Adam(
+                0.01, beta_1=beta_1, beta_2=beta_2, **kw
+            ),
+        ),
+        "adamw": (
+            lambda **kw: kg.AdamW(0.01, beta_1=beta_1, beta_2=beta_2, **kw),
+            lambda **kw: keras.optimizers.AdamW(
+                0.01, beta_1=beta_1, beta_2=beta_2, **kw
+            ),
+        ),
+    }
+    ours_factory, keras_factory = pairs[rule]
+    init = _gradients(seed, shapes, 1, 1.0)[0]
+    ours_vars = [keras.Variable(v) for v in init]
+    keras_vars = [keras.Variable(v) for v in init]
+    ours = ours_factory(jit_compile=False, **clip)
+    reference = keras_factory(**clip)
+    for grads in _gradients(seed + 1, shapes, 3, 1.0):
+        ours.apply(grads, ours_vars)
+        reference.apply(grads, keras_vars)
+    for a, b in zip(ours_vars, keras_vars):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=2e-6)
