@@ -266,8 +266,8 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         k = optimizer.accumulation_steps
         if not optimizer._square_sums or int(optimizer.micro_steps.numpy()) % k:
             return None
-        means = [ops_value(g) / k for g in optimizer._gradient_sums]
-        squares = [ops_value(s) / k for s in optimizer._square_sums]
+        means = [_as_float64(g) / k for g in optimizer._gradient_sums]
+        squares = [_as_float64(s) / k for s in optimizer._square_sums]
         return means, squares, float(k)
 
     def _from_probe(self):
@@ -433,5 +433,5 @@ def _pipeline_optimizer(optimizer):
     return None
 
 
-def ops_value(variable):
+def _as_float64(variable):
     return np.asarray(variable.numpy(), dtype=np.float64)

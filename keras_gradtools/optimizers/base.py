@@ -387,7 +387,7 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
         them (zeroing inside the update costs a copy and a write)."""
         for grad, variable in zip(grads, variables):
             index = self._get_variable_index(variable)
-            if _is_sparse(grad):
+            if gradient_checks.is_sparse(grad):
                 self._accumulate_rows(index, grad, finite, first)
                 continue
             _restart_or_add(self._gradient_sums[index], grad, finite, first)
@@ -696,13 +696,9 @@ def _restart_or_add(accumulator, value, finite, first):
     accumulator.assign(ops.add(previous, value))
 
 
-def _is_sparse(grad):
-    return type(grad).__name__ == "IndexedSlices"
-
-
 def _map_gradient(grad, fn):
     """`fn(grad)`, or `fn` on the values of a sparse gradient."""
-    if _is_sparse(grad):
+    if gradient_checks.is_sparse(grad):
         from keras_gradtools.optimizers import sparse
 
         return sparse.map_values(grad, fn)

@@ -146,6 +146,12 @@ def _in_xla_context():
     )
 
 
+def is_sparse(grad):
+    """Whether `grad` is a `tf.IndexedSlices` (checked by name, so that
+    other backends need not import TensorFlow)."""
+    return type(grad).__name__ == "IndexedSlices"
+
+
 def _values(grad):
     """The dense values of a gradient (the rows of an `IndexedSlices`)."""
-    return grad.values if type(grad).__name__ == "IndexedSlices" else grad
+    return grad.values if is_sparse(grad) else grad

@@ -15,10 +15,6 @@ import tensorflow as tf
 from keras_gradtools.optimizers.control_flow import run_if
 
 
-def is_sparse(grad):
-    return isinstance(grad, tf.IndexedSlices)
-
-
 def map_values(grad, fn):
     """`fn` applied to the values of an `IndexedSlices`."""
     return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
