@@ -19,12 +19,25 @@ def _load(relative):
 
 
 @pytest.mark.slow
-def test_benchmark_quick_mode_prints_every_ratio(capsys):
-    step_cost = _load("benchmarks/step_cost.py")
-    assert step_cost.main(["--quick"]) == 0
+@pytest.mark.parametrize(
+    "script,rows",
+    [
+        (
+            "benchmarks/step_cost.py",
+            ["ours/keras Adam (K=1)", "micro / macro", "noise / no noise"],
+        ),
+        (
+            "benchmarks/fit_throughput.py",
+            ["monitor overhead", "ours K=4 / ours K=1", "peak RSS MB"],
+        ),
+    ],
+)
+def test_benchmark_quick_mode_prints_every_ratio(script, rows, capsys):
+    benchmark = _load(script)
+    assert benchmark.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith("benchmark: ok")
-    for row in ["ours/keras Adam (K=1)", "micro / macro", "noise / no noise"]:
+    for row in rows:
         assert row in out
 
 
@@ -93,13 +106,3 @@ def test_command_line_entry_point():
     assert cli.main(["--help"]) == 0
     assert cli.main([]) == 2
     assert cli.main(["train-everything"]) == 2
-
-
-@pytest.mark.slow
-def test_fit_throughput_quick_mode(capsys):
-    fit_throughput = _load("benchmarks/fit_throughput.py")
-    assert fit_throughput.main(["--quick"]) == 0
-    out = capsys.readouterr().out
-    assert out.rstrip().endswith("benchmark: ok")
-    for row in ["monitor overhead", "ours K=4 / ours K=1", "peak RSS MB"]:
-        assert row in out

@@ -149,10 +149,6 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
             self._reads_micro_variance or self.track_gradient_statistics
         )
 
-    @property
-    def _computes_statistics(self):
-        return self.track_gradient_statistics
-
     # ------------------------------------------------------------------
     # State.
 
@@ -464,7 +460,7 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
                 for q, g in zip(mean_squares, means)
             ]
         statistics = None
-        if self._computes_statistics:
+        if self.track_gradient_statistics:
             statistics = self._measure(means, variables, mean_squares, count)
         if self.clip_micro_batches:
             clipped, factors = means, [None] * len(means)

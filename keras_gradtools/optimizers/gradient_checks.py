@@ -39,11 +39,11 @@ def executing_eagerly():
 
 
 def dense(grad):
-    if backend.backend() == "tensorflow":
+    """`grad` as a dense tensor (an `IndexedSlices` is scattered out)."""
+    if is_sparse(grad):
         import tensorflow as tf
 
-        if isinstance(grad, tf.IndexedSlices):
-            return tf.convert_to_tensor(grad)
+        return tf.convert_to_tensor(grad)
     return grad
 
 
