@@ -12,6 +12,10 @@ One call to `apply` consumes the gradient of one micro-batch. With
                run_if(last micro-batch of the cycle, _finish_cycle)
                  _update(G / n, S / n)  then  G, S, n = 0
 
+Under a `tf.distribute` strategy the same steps run split between replica
+and cross-replica context (`distribution.py`): accumulation stays local to
+each replica, and `_update` runs once, on the sum over replicas.
+
     _update(mean gradients)
       statistics              from G and S, where the update reads them
       clip                    value, per-tensor norm or global norm
@@ -36,10 +40,12 @@ from keras import ops
 from keras import optimizers
 
 from keras_gradtools import transforms
+from keras_gradtools.optimizers import distribution
 from keras_gradtools.optimizers import gradient_checks
 from keras_gradtools.optimizers import state
 from keras_gradtools.optimizers import validation
 from keras_gradtools.optimizers.control_flow import run_if
+from keras_gradtools.optimizers.distribution import CrossReplicaPipelineMixin
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.optimizers.statistics import STATISTICS
 from keras_gradtools.optimizers.statistics import GradientStatisticsMixin
@@ -55,6 +61,7 @@ _ROLE_ORDER = (
     "cycle_micro_batches",
     "gradient_sum",
     "square_sum",
+    "cycle_replicas",
     "noise_seed",
     "statistic",
     "running_statistic",
@@ -63,7 +70,9 @@ SECOND_MOMENT_MODES = ("micro", "macro")
 NONFINITE_POLICIES = ("skip", "apply", "raise")
 
 
-class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
+class GradientPipelineOptimizer(
+    GradientStatisticsMixin, CrossReplicaPipelineMixin, optimizers.Optimizer
+):
     """Base class for optimizers that accumulate, clip and add noise.
 
     A subclass overrides `build` (to create its slots, after calling
@@ -133,6 +142,7 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
         self.jit_compile = bool(jit_compile)
         object.__setattr__(self, "_update_gate", None)
         object.__setattr__(self, "_xla_apply", None)
+        object.__setattr__(self, "_strategy", None)
 
     # ------------------------------------------------------------------
     # What this configuration needs (decides which slots exist).
@@ -161,28 +171,40 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
         micro-batches accumulated in the current cycle, the noise seed (when
         noise is on) and the statistics of the last update. Accumulators
         are float32 whatever the variables' dtype.
+
+        Under a `tf.distribute` strategy, build inside `strategy.scope()`:
+        the accumulators and the counters they need become per-replica
+        (SyncOnRead) variables, everything else is mirrored.
         """
         if self.built:
             return
+        if distribution.in_replica_context_of_strategy():
+            raise ValueError(
+                "Build the optimizer before `strategy.run`, inside "
+                "`strategy.scope()`: call "
+                "`optimizer.build(model.trainable_variables)` there (or use "
+                "`model.compile` and `model.fit`, which do it)."
+            )
+        object.__setattr__(self, "_strategy", distribution.active_strategy())
         super().build(variables)
         object.__setattr__(self, "_variable_roles", {})
         self._micro_steps = self._add_counter("micro_steps", "int")
-        self._skipped_micro_batches = self._add_counter(
-            "skipped_micro_batches", "int"
+        self._skipped_micro_batches = self._add_local_counter(
+            "skipped_micro_batches"
         )
         self._gradient_sums = []
         self._square_sums = []
         if self.accumulation_steps > 1:
-            self._cycle_micro_batches = self._add_counter(
-                "cycle_micro_batches", "float32"
+            # Counts global micro-batches in units of 1 / COUNT_UNIT, so
+            # that it means the same on any number of replicas.
+            self._cycle_micro_batches = self._add_local_counter(
+                "cycle_micro_batches"
             )
             self._gradient_sums = self._add_accumulators(
                 variables, "gradient_sum"
             )
             if self._keeps_square_sums:
-                self._square_sums = self._add_accumulators(
-                    variables, "square_sum"
-                )
+                self._add_square_sums(variables)
         if self.noise_eta > 0:
             self._noise_seed = self._add_scalar(
                 "noise_seed", "int32", self.noise_seed, "noise_seed"
@@ -203,6 +225,16 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
 
     def _add_counter(self, name, dtype):
         return self._add_scalar(name, dtype, 0, name)
+
+    def _add_local_counter(self, name):
+        """An int64 counter that each replica adds to on its own."""
+        if self._strategy is None:
+            return self._add_counter(name, "int")
+        variable = distribution.add_local_variable(
+            self, self._strategy, (), "int64", name, reference=None
+        )
+        self._variable_roles[id(variable)] = name
+        return variable
 
     def _add_scalar(self, name, dtype, value, role, shape=()):
         variable = self.add_variable(
@@ -235,12 +267,43 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
                 self._variable_roles[id(accumulators[-1])] = name
         return accumulators
 
+    def _add_square_sums(self, variables):
+        """The sums of squares, and the number of replicas whose gradients
+        were their samples in the current cycle: sums written by different
+        numbers of replicas cannot be combined (see `_finish_cycle`)."""
+        self._square_sums = self._add_accumulators(variables, "square_sum")
+        self._cycle_replicas = self._add_scalar(
+            "cycle_replicas", "int", 1, "cycle_replicas"
+        )
+
+    @property
+    def _sample_replicas(self):
+        """R when each replica's gradient is a separate sample, else 1."""
+        return (
+            self._strategy.num_replicas_in_sync if self._samples_replicas else 1
+        )
+
+    def _record_cycle_replicas(self, first):
+        if self._square_sums:
+            self._cycle_replicas.assign(
+                ops.where(first, self._sample_replicas, self._cycle_replicas)
+            )
+
     def _add_accumulator(self, variable, name):
         if self._overwrite_variable_with_gradient(variable):
             return None
+        path = getattr(variable, "path", variable.name)
+        if self._strategy is not None:
+            return distribution.add_local_variable(
+                self,
+                self._strategy,
+                variable.shape,
+                "float32",
+                f"{path.replace('/', '_')}_{name}",
+                reference=variable,
+            )
         if backend.standardize_dtype(variable.dtype) == "float32":
             return self.add_variable_from_reference(variable, name=name)
-        path = getattr(variable, "path", variable.name)
         return self.add_variable(
             shape=variable.shape,
             dtype="float32",
@@ -254,7 +317,11 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
 
     @property
     def skipped_micro_batches(self):
-        """Micro-batches left out because their gradient was not finite."""
+        """Micro-batches left out because their gradient was not finite.
+
+        Under a strategy, each replica counts its own share of a micro-batch
+        (the value read is the sum over replicas).
+        """
         return self._skipped_micro_batches
 
     # ------------------------------------------------------------------
@@ -284,14 +351,15 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
                 grads, variables, self._micro_steps.value
             )
         with guard:
-            if self.jit_compile and gradient_checks.executing_eagerly():
+            if distribution.in_replica_context_of_strategy():
+                self._apply_across_replicas(grads, variables)
+            elif self.jit_compile and gradient_checks.executing_eagerly():
                 self._apply_compiled(grads, variables)
             else:
                 self._apply_pipeline(grads, variables)
         return self._iterations
 
     def _prepare_gradients(self, grads, trainable_variables):
-        gradient_checks.check_single_replica()
         grads = list(grads)
         if trainable_variables is None:
             if not self.built:
@@ -355,32 +423,42 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
             ]
             if self.clip_micro_batches:
                 grads, _ = self._clip(grads)
-            finite = None
-            if self.on_nonfinite == "skip":
-                finite = gradient_checks.all_finite(grads)
-                self._skipped_micro_batches.assign_add(
-                    ops.cast(
-                        ops.logical_not(finite),
-                        self._skipped_micro_batches.dtype,
-                    )
-                )
+            finite = self._check_finite(grads)
             if self.accumulation_steps == 1:
                 self._update(grads, variables, None, 1.0, gate=finite)
             else:
                 position = ops.mod(self._micro_steps, self.accumulation_steps)
-                self._accumulate(
-                    grads, variables, finite, ops.equal(position, 0)
-                )
+                first = ops.equal(position, 0)
+                self._accumulate(grads, variables, finite, first)
+                self._record_cycle_replicas(first)
                 run_if(
                     ops.equal(position, self.accumulation_steps - 1),
                     lambda: self._finish_cycle(variables),
                 )
             self._micro_steps.assign_add(1)
 
-    def _accumulate(self, grads, variables, finite, first):
+    def _check_finite(self, grads, counted=None):
+        """With `on_nonfinite="skip"`: whether `grads` are finite, counting
+        a non-finite micro-batch as skipped (only where `counted` holds, if
+        given). Otherwise `None`: nothing is checked."""
+        if self.on_nonfinite != "skip":
+            return None
+        finite = gradient_checks.all_finite(grads)
+        skipped = ops.logical_not(finite)
+        if counted is not None:
+            skipped = ops.logical_and(skipped, counted)
+        self._skipped_micro_batches.assign_add(ops.cast(skipped, "int64"))
+        return finite
+
+    def _accumulate(
+        self, grads, variables, finite, first, count=distribution.COUNT_UNIT
+    ):
         """Adds one micro-batch to the sums; the first micro-batch of a
         cycle overwrites them instead, so the update never has to zero
-        them (zeroing inside the update costs a copy and a write)."""
+        them (zeroing inside the update costs a copy and a write).
+
+        `count` is what this micro-batch adds to the cycle counter: a whole
+        `COUNT_UNIT`, or one replica's share of it."""
         for grad, variable in zip(grads, variables):
             index = self._get_variable_index(variable)
             if gradient_checks.is_sparse(grad):
@@ -391,8 +469,12 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
                 _restart_or_add(
                     self._square_sums[index], ops.square(grad), finite, first
                 )
-        one = ops.ones((), "float32")
-        _restart_or_add(self._cycle_micro_batches, one, finite, first)
+        _restart_or_add(
+            self._cycle_micro_batches,
+            ops.full((), count, "int64"),
+            finite,
+            first,
+        )
         present = {self._get_variable_index(v) for v in variables}
         absent = [
             accumulator
@@ -416,6 +498,7 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
             backend.backend() == "tensorflow"
             and self.accumulation_steps > 1
             and not self.clip_micro_batches
+            and self._strategy is None
         )
 
     def _accumulate_rows(self, index, grad, finite, first):
@@ -434,34 +517,91 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
                 first,
             )
 
-    def _finish_cycle(self, variables):
-        count = self._cycle_micro_batches.value
+    def _finish_cycle(self, variables, sample_replicas=1):
+        """The update at the end of a cycle, from the accumulated sums.
+
+        Under a strategy this runs in cross-replica context, where reading
+        a sum adds up the replicas' copies. `sample_replicas` is R when
+        each replica's gradients are separate samples, at the local batch
+        size: a sample is then h = R * g_r, and its mean square
+        R**2 * S / (R * n) = R * S / n.
+        """
+        count = distribution.counted_micro_batches(self._cycle_micro_batches)
         indices = [self._get_variable_index(v) for v in variables]
         means = [ops.divide(self._gradient_sums[i], count) for i in indices]
         mean_squares = None
         if self._square_sums:
             mean_squares = [
-                ops.divide(self._square_sums[i], count) for i in indices
+                ops.divide(self._square_sums[i], count / sample_replicas)
+                for i in indices
             ]
+            mean_squares = self._check_cycle_replicas(mean_squares, means)
         gate = count > 0 if self.on_nonfinite == "skip" else None
-        self._update(means, variables, mean_squares, count, gate=gate)
+        self._update(
+            means,
+            variables,
+            mean_squares,
+            count,
+            gate=gate,
+            sample_replicas=sample_replicas,
+        )
         # This write also keeps everything derived from the count
         # loop-variant: were the loop body to write no accumulator, XLA
         # would hoist the means out of run_if's loop and compute them on
         # every micro-batch.
-        self._cycle_micro_batches.assign(0.0)
+        self._cycle_micro_batches.assign(ops.zeros((), "int64"))
 
-    def _update(self, means, variables, mean_squares, count, gate):
-        """One optimizer update from the cycle's mean gradients."""
+    def _check_cycle_replicas(self, mean_squares, means):
+        """Sums of squares begun on a different number of replicas (a
+        checkpoint restored mid-cycle onto another strategy) mix samples of
+        two batch sizes: no variance can be formed from them. A graph fails
+        with that message. XLA drops assertions: there, that one update
+        takes the variance as zero (W = 0, the "macro" second moment)."""
+        consistent = ops.equal(self._cycle_replicas, self._sample_replicas)
+        if gradient_checks.executing_eagerly() or (
+            gradient_checks.in_xla_context()
+        ):
+            return [
+                ops.where(consistent, q, ops.square(g))
+                for q, g in zip(mean_squares, means)
+            ]
+        import tensorflow as tf
+
+        check = tf.debugging.Assert(
+            consistent,
+            [
+                "The accumulation cycle was begun on a different number of "
+                "replicas (a checkpoint restored in the middle of a cycle "
+                "onto another strategy); its sums of squares cannot be "
+                "combined. Restore at a cycle boundary or onto the same "
+                "number of replicas. Replicas then, now:",
+                self._cycle_replicas,
+                self._sample_replicas,
+            ],
+        )
+        with tf.control_dependencies([check]):
+            return [ops.copy(q) for q in mean_squares]
+
+    def _update(
+        self, means, variables, mean_squares, count, gate, sample_replicas=1
+    ):
+        """One optimizer update from the cycle's mean gradients.
+
+        `mean_squares` are the mean squares of `count * sample_replicas`
+        gradient samples, each at 1 / `sample_replicas` of the micro-batch
+        size; variances are reported at the micro-batch size.
+        """
         variances = None
-        if mean_squares is not None:
+        if mean_squares is not None and self.accumulation_steps > 1:
             variances = [
-                transforms.micro_batch_variance(q, g)
+                transforms.micro_batch_variance(q, g) / sample_replicas
                 for q, g in zip(mean_squares, means)
             ]
         statistics = None
         if self.track_gradient_statistics:
-            statistics = self._measure(means, variables, mean_squares, count)
+            statistics = self._measure(
+                means, variables, mean_squares, count, sample_replicas
+            )
         if self.clip_micro_batches:
             clipped, factors = means, [None] * len(means)
         else:
@@ -506,19 +646,27 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
 
     def _apply_rule(self, grads, variables, micro_variances):
         """Weight decay, the update rule and the weights' moving average."""
+        strategy = distribution.cross_replica_strategy()
+        if strategy is not None:
+            self._apply_rule_across_replicas(
+                strategy, grads, variables, micro_variances
+            )
+            return
         learning_rate = self.learning_rate
-        if self.weight_decay:
-            for variable in variables:
-                if self._use_weight_decay(variable):
-                    lr = ops.cast(learning_rate, variable.dtype)
-                    wd = ops.cast(self.weight_decay, variable.dtype)
-                    self.assign(variable, variable - variable * wd * lr)
+        for variable in variables:
+            self._decay_weight(variable, learning_rate)
         for grad, variable, variance in zip(grads, variables, micro_variances):
             self.update_step(
                 grad, variable, learning_rate, micro_batch_variance=variance
             )
         if self.use_ema:
             self._update_moving_averages()
+
+    def _decay_weight(self, variable, learning_rate):
+        if self.weight_decay and self._use_weight_decay(variable):
+            lr = ops.cast(learning_rate, variable.dtype)
+            wd = ops.cast(self.weight_decay, variable.dtype)
+            self.assign(variable, variable - variable * wd * lr)
 
     def update_step(
         self, gradient, variable, learning_rate, micro_batch_variance=None
@@ -624,6 +772,23 @@ class GradientPipelineOptimizer(GradientStatisticsMixin, optimizers.Optimizer):
         state.check_layout(store, self._state_layout(), self.variables)
         for i, variable in enumerate(self.variables):
             variable.assign(store[str(i)])
+        self._check_restored_cycle()
+
+    def _check_restored_cycle(self):
+        if not self._square_sums:
+            return
+        position = int(self._micro_steps.numpy()) % self.accumulation_steps
+        saved = int(self._cycle_replicas.numpy())
+        if position and saved != self._sample_replicas:
+            raise ValueError(
+                f"This state was saved {position} micro-batches into an "
+                f"accumulation cycle whose sums of squares came from {saved} "
+                f"replica(s); here they would come from "
+                f"{self._sample_replicas}. Samples of two batch sizes cannot "
+                "be combined into one variance. Restore onto the same number "
+                "of replicas, or save at a cycle boundary (micro_steps a "
+                f"multiple of {self.accumulation_steps})."
+            )
 
     def _layout_settings(self):
         """The settings that decide which variables exist and what they

@@ -1,5 +1,5 @@
 """What `apply` does to the gradients it is given before the pipeline:
-input checks, densifying, the finite check, and the single-replica guard."""
+input checks, densifying and the finite check."""
 
 import contextlib
 
@@ -7,27 +7,6 @@ from keras import backend
 from keras import ops
 
 from keras_gradtools import transforms
-
-
-def check_single_replica():
-    """Refuses data-parallel training until it is supported.
-
-    Without a cross-replica reduction each replica would apply its own
-    gradient and the replicas' weights would silently drift apart.
-    """
-    if backend.backend() != "tensorflow":
-        return
-    import tensorflow as tf
-
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas > 1:
-        raise NotImplementedError(
-            f"keras_gradtools optimizers do not support tf.distribute with "
-            f"more than one replica yet (this strategy has {replicas}): the "
-            "gradients would not be reduced across replicas. Train on one "
-            "device, or use a Keras optimizer, until distribution support "
-            "lands (see docs/distribute_findings.md)."
-        )
 
 
 def executing_eagerly():
@@ -114,7 +93,7 @@ def raise_if_nonfinite(grads, variables, micro_step):
                 "applied."
             )
         return contextlib.nullcontext()
-    if _in_xla_context():
+    if in_xla_context():
         raise ValueError(
             "on_nonfinite='raise' cannot raise inside an XLA-compiled step: "
             "XLA drops assertions. Compile the model with jit_compile=False "
@@ -132,7 +111,7 @@ def raise_if_nonfinite(grads, variables, micro_step):
     return tf.control_dependencies([check])
 
 
-def _in_xla_context():
+def in_xla_context():
     """Whether the graph being traced will be compiled by XLA.
 
     The one private TensorFlow call of the package: TensorFlow has no

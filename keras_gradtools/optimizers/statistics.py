@@ -7,6 +7,7 @@ accumulated sums are read anyway, and `_record_statistics` with the writes
 of the update (so a skipped update records nothing).
 """
 
+import contextlib
 from typing import Any
 
 from keras import ops
@@ -59,9 +60,7 @@ class GradientStatisticsMixin:
             ),
         }
         if self.accumulation_steps > 1 and not self._square_sums:
-            self._square_sums = self._add_accumulators(
-                self._trainable_variables, "square_sum"
-            )
+            self._add_square_sums(self._trainable_variables)
 
     def enable_gradient_statistics(self) -> None:
         """Switches `track_gradient_statistics` on, also after `build`.
@@ -86,7 +85,11 @@ class GradientStatisticsMixin:
                     " Create it with track_gradient_statistics=True instead."
                 )
             self.track_gradient_statistics = True
-            self._add_running_statistics()
+            scope = contextlib.nullcontext()
+            if self._strategy is not None:
+                scope = self._strategy.scope()
+            with scope:
+                self._add_running_statistics()
         else:
             self.track_gradient_statistics = True
 
@@ -125,21 +128,30 @@ class GradientStatisticsMixin:
             )
         return {name: ops.copy(var) for name, var in self._statistics.items()}
 
-    def _measure(self, means, variables, mean_squares, count):
+    def _measure(self, means, variables, mean_squares, count, replicas=1):
         """The statistics of this update (DESIGN.md §3), plus per-variable
-        parts for the running averages."""
+        parts for the running averages.
+
+        With `replicas > 1` the mean squares are over `count * replicas`
+        samples taken at 1 / `replicas` of the micro-batch size (one per
+        replica and micro-batch); their variance is `replicas` times that
+        of a micro-batch gradient, which is what is reported.
+        """
         mean_sq_parts = [transforms.flat_sum(ops.square(g)) for g in means]
         norm_sq = ops.sum(ops.stack(mean_sq_parts))
         stats = {"grad_norm": ops.sqrt(norm_sq)}
         if mean_squares is None:
             return stats, None
+        samples = ops.multiply(count, float(replicas))
         variance_parts = [
-            transforms.variance_and_square_norm(g, q, count)[0]
+            transforms.variance_and_square_norm(g, q, samples)[0] / replicas
             for g, q in zip(means, mean_squares)
         ]
         variance = ops.sum(ops.stack(variance_parts))
         stats.update(
-            transforms.gradient_statistics_from_sums(variance, norm_sq, count)
+            transforms.gradient_statistics_from_sums(
+                variance, norm_sq, count, samples=samples
+            )
         )
         indices = [self._get_variable_index(v) for v in variables]
         parts = {

@@ -2,9 +2,11 @@
 
 from typing import Any
 
+from keras import ops
 from keras import optimizers
 from keras import saving
 
+from keras_gradtools.optimizers import distribution
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 from keras_gradtools.optimizers.control_flow import run_if
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
@@ -103,7 +105,25 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         self.inner_optimizer.learning_rate = learning_rate
 
     def _apply_rule(self, grads, variables, micro_variances):
-        self.inner_optimizer.apply(grads, variables)
+        strategy = distribution.cross_replica_strategy()
+        if strategy is None:
+            self.inner_optimizer.apply(grads, variables)
+            return
+        # A Keras optimizer's `apply` runs in replica context, where it sums
+        # the gradients over replicas. Hand it the final gradient on replica
+        # 0 and zeros elsewhere: the sum is then that gradient, bitwise.
+
+        def apply_on_replica(grads):
+            import tensorflow as tf
+
+            context = tf.distribute.get_replica_context()
+            first = ops.equal(context.replica_id_in_sync_group, 0)
+            grads = [ops.where(first, g, ops.zeros_like(g)) for g in grads]
+            self.inner_optimizer.apply(grads, variables)
+
+        strategy.extended.call_for_each_replica(
+            apply_on_replica, args=(list(grads),)
+        )
 
     def _run_gated(self, gate, fn):
         # The inner optimizer writes its variables directly, so a skipped

@@ -41,14 +41,20 @@ def variance_and_square_norm(
 
 
 def gradient_statistics_from_sums(
-    variance: TensorLike, mean_square_norm: TensorLike, count: TensorLike
+    variance: TensorLike,
+    mean_square_norm: TensorLike,
+    count: TensorLike,
+    samples: TensorLike | None = None,
 ) -> dict[str, TensorLike]:
     """Turns the summed per-tensor parts into the reported statistics.
 
     Args:
         variance: Scalar, `tr(Sigma_M)` summed over all tensors.
         mean_square_norm: Scalar, `|g_bar|**2` summed over all tensors.
-        count: Scalar float32 tensor `n` (the statistics are NaN if n < 2).
+        count: Scalar float32 tensor `n`, the micro-batches in the mean.
+        samples: The gradient samples the variance was estimated from
+            (the statistics are NaN below 2); defaults to `count`. Under a
+            strategy each replica's micro-batch is a sample.
 
     Returns:
         A dict with `variance`, `mean_norm_sq`, `noise_scale` (in
@@ -72,7 +78,8 @@ def gradient_statistics_from_sums(
         "snr": snr,
     }
     nan = ops.cast(float("nan"), "float32")
-    valid = count >= 2.0
+    samples = count if samples is None else ops.cast(samples, "float32")
+    valid = samples >= 2.0
     return {k: ops.where(valid, v, nan) for k, v in stats.items()}
 
 
