@@ -121,7 +121,9 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self._optimizer = optimizer
         if self.batch_size is None:
             self._record_batch_size()
-        if self.log_dir:
+        # Under a multi-worker strategy only the chief writes summaries.
+        strategy = self.model.distribute_strategy
+        if self.log_dir and strategy.extended.should_save_summary:
             self._writer = tf.summary.create_file_writer(
                 os.path.join(self.log_dir, "gradients")
             )
@@ -165,8 +167,10 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             original = self.model.train_step
 
             def train_step(data):
+                # Under a strategy each replica sees 1 / R of the batch.
+                replicas = tf.distribute.get_strategy().num_replicas_in_sync
                 x = data[0] if isinstance(data, (tuple, list)) else data
-                size = tf.shape(tf.nest.flatten(x)[0])[0]
+                size = tf.shape(tf.nest.flatten(x)[0])[0] * replicas
                 seen.assign(tf.maximum(seen, size))
                 return original(data)
 
@@ -261,14 +265,23 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
 
     def _slot_sums(self):
         """The last complete cycle's mean and mean square, if the sums hold
-        one (right after an update they do, until the next micro-batch)."""
+        one (right after an update they do, until the next micro-batch).
+
+        Under a strategy the sums add up the replicas' copies and, as in
+        the optimizer, each replica's gradient is a sample at 1 / R of the
+        batch (mean square R * S / k over k * R samples); the variance is
+        then R times that of a micro-batch, which `_write` divides out.
+        """
         optimizer = self._optimizer
         k = optimizer.accumulation_steps
         if not optimizer._square_sums or int(optimizer.micro_steps.numpy()) % k:
             return None
+        replicas = optimizer._sample_replicas
         means = [_as_float64(g) / k for g in optimizer._gradient_sums]
-        squares = [_as_float64(s) / k for s in optimizer._square_sums]
-        return means, squares, float(k)
+        squares = [
+            _as_float64(s) * replicas / k for s in optimizer._square_sums
+        ]
+        return means, squares, float(k * replicas), replicas
 
     def _from_probe(self):
         if self._probe is None:
@@ -349,10 +362,10 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
                 and self._epoch % self.histogram_freq == 0
             )
             if histogram_due and sums is not None:
-                means, squares, count = sums
+                means, squares, count, replicas = sums
                 for variable, g, q in zip(variables, means, squares):
                     s2 = np.maximum(np.asarray(q) - np.asarray(g) ** 2, 0)
-                    s2 = s2 * count / max(count - 1, 1)
+                    s2 = s2 * count / max(count - 1, 1) / replicas
                     tf.summary.histogram(
                         f"grad_variance_per_coordinate/{variable.path}", s2
                     )

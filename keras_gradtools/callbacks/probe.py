@@ -99,7 +99,7 @@ class GradientProbe:
             "variable_variance": np.array([float(p[0]) for p in parts]),
             "variable_mean_sq": np.array([float(p[1]) for p in parts]),
         }
-        return statistics, per_variable, (means, mean_squares, count)
+        return statistics, per_variable, (means, mean_squares, count, 1)
 
 
 def _take_batches(data, batches, batch_size):
