@@ -50,3 +50,30 @@ def digits(n=None):
     if n is not None:
         x, y = x[:n], y[:n]
     return x, y
+
+
+# Known answer for the gradient noise scale (monitor tests).
+D, NOISE = 8, 1.0
+
+
+def linear_regression(n, seed=0):
+    """y = x.w* + noise, x ~ N(0, I_d). At w = 0 the per-sample noise scale
+    is B_simple = (d + 1) + s**2 d / |w*|**2 (Gaussian fourth moments)."""
+    rng = np.random.default_rng(seed)
+    w_star = rng.normal(size=(D, 1))
+    w_star *= 2.0 / np.linalg.norm(w_star)  # |w*|^2 = 4
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = (x @ w_star + NOISE * rng.normal(size=(n, 1))).astype("float32")
+    expected = (D + 1) + NOISE**2 * D / float(np.sum(w_star**2))
+    return x, y, expected
+
+
+def frozen_linear_model(optimizer):
+    model = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+        ]
+    )
+    model.compile(optimizer=optimizer, loss="mse")
+    return model

@@ -106,3 +106,25 @@ def test_command_line_entry_point():
     assert cli.main(["--help"]) == 0
     assert cli.main([]) == 2
     assert cli.main(["train-everything"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", [[], ["--custom-loop"]])
+def test_distributed_example_quick_mode(loop):
+    # A subprocess: the example configures logical CPUs before TF starts.
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "examples/distributed.py"), "--quick"]
+        + loop,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    assert "2 replicas on 2 logical CPU devices" in out
+    assert "replicas' weights bitwise identical: True" in out
+    difference = float(out.split("w(one device)| = ")[1].split()[0])
+    assert difference <= 5e-7

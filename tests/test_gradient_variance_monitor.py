@@ -6,41 +6,20 @@ import keras
 import numpy as np
 import pytest
 from helpers import digits
+from helpers import frozen_linear_model
+from helpers import linear_regression
 from helpers import tiny_classifier
 
 import keras_gradtools as kg
 from keras_gradtools.optimizers.statistics import STATISTICS_SMOOTHING
 
-D, NOISE, BATCH = 8, 1.0, 16
-
-
-def _linear_regression(n, seed=0):
-    """y = x.w* + noise, x ~ N(0, I_d). At w = 0 the per-sample noise scale
-    is B_simple = (d + 1) + s**2 d / |w*|**2 (Gaussian fourth moments)."""
-    rng = np.random.default_rng(seed)
-    w_star = rng.normal(size=(D, 1))
-    w_star *= 2.0 / np.linalg.norm(w_star)  # |w*|^2 = 4
-    x = rng.normal(size=(n, D)).astype("float32")
-    y = (x @ w_star + NOISE * rng.normal(size=(n, 1))).astype("float32")
-    expected = (D + 1) + NOISE**2 * D / float(np.sum(w_star**2))
-    return x, y, expected
-
-
-def _frozen_linear_model(optimizer):
-    model = keras.Sequential(
-        [
-            keras.Input((D,)),
-            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
-        ]
-    )
-    model.compile(optimizer=optimizer, loss="mse")
-    return model
+BATCH = 16
 
 
 @pytest.mark.slow
 def test_known_noise_scale_from_optimizer_statistics():
-    x, y, expected = _linear_regression(BATCH * 4 * 200)
-    model = _frozen_linear_model(kg.SGD(0.0, accumulation_steps=4))
+    x, y, expected = linear_regression(BATCH * 4 * 200)
+    model = frozen_linear_model(kg.SGD(0.0, accumulation_steps=4))
     monitor = kg.GradientVarianceMonitor(verbose=0)
     history = model.fit(
         x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor]
@@ -54,8 +33,8 @@ def test_known_noise_scale_from_optimizer_statistics():
 
 @pytest.mark.slow
 def test_known_noise_scale_from_probes_with_a_keras_optimizer():
-    x, y, expected = _linear_regression(BATCH * 64 * 3, seed=1)
-    model = _frozen_linear_model(keras.optimizers.SGD(0.0))
+    x, y, expected = linear_regression(BATCH * 64 * 3, seed=1)
+    model = frozen_linear_model(keras.optimizers.SGD(0.0))
     monitor = kg.GradientVarianceMonitor(
         probe_data=(x, y), probe_batches=64, batch_size=BATCH, verbose=0
     )

@@ -67,6 +67,59 @@ def test_update_traces_into_the_callers_xla_cluster(factory, rng):
     )
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: kg.Adam(
+            1e-3, accumulation_steps=4, noise_eta=0.01, global_clipnorm=1.0
+        ),
+        lambda: kg.SGD(
+            0.1,
+            momentum=0.9,
+            accumulation_steps=2,
+            clip_micro_batches=True,
+            global_clipnorm=1.0,
+        ),
+        lambda: kg.wrap(
+            keras.optimizers.RMSprop(1e-3),
+            accumulation_steps=2,
+            noise_eta=0.01,
+            global_clipnorm=1.0,
+        ),
+    ],
+    ids=["adam", "sgd", "wrap"],
+)
+def test_whole_train_step_is_one_xla_module_without_float64(factory):
+    """TPU readiness: forward, backward and the update (accumulation,
+    noise, clipping, statistics) compile into one HLO module with no
+    float64 and no transfer to or from the host."""
+    model = tiny_classifier()
+    optimizer = factory()
+    optimizer.enable_gradient_statistics()
+    optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function(jit_compile=True)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    x, y = digits(32)
+    x, y = tf.constant(x), tf.constant(y)
+    hlo = train_step.experimental_get_compiler_ir(x, y)(stage="hlo")
+    assert "f64" not in hlo
+    for host_transfer in ("outfeed", "infeed", "send(", "recv(", "host"):
+        assert host_transfer not in hlo.lower(), host_transfer
+    for _ in range(4):
+        train_step(x, y)
+    assert int(optimizer.micro_steps.numpy()) == 4
+    statistics = optimizer.gradient_statistics()
+    assert np.isfinite(float(statistics["grad_norm"]))
+
+
 @pytest.mark.slow
 def test_fit_with_xla_trains_with_accumulation_noise_and_clipping():
     x, y = digits()

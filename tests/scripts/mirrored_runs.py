@@ -1,0 +1,456 @@
+"""Trains under MirroredStrategy on logical CPUs and reports what it finds.
+
+Logical devices must be configured before TensorFlow starts, so the tests
+run this in a fresh process. It makes 3 logical CPUs and, for each
+configuration, trains the same model on the same global batches on one
+device and under a strategy over 2 or 3 of them, then prints one JSON line
+per check:
+
+    python mirrored_runs.py CHECK[,CHECK...] OUT_DIR
+
+with CHECK one of equality (2 replicas), equality3 (3 replicas), estimator,
+save_mid_cycle, restore (onto 1 and 2 replicas), restore3, monitor,
+clip_after_sum. One
+process runs one replica count besides 1: collective groups of different
+sizes do not mix in a process.
+
+- equality: max |w_strategy - w_single|, whether every mirrored model and
+  optimizer variable is bitwise identical on every replica, and the update
+  counts, for every optimizer x K x (custom loop, fit).
+- estimator: Adam "micro" and the statistics against a float64 NumPy
+  computation from the per-replica gradients (DESIGN.md §5).
+- save_mid_cycle, restore, restore3: save in the middle of a cycle on 2
+  replicas, restore onto 1, 2 and 3, finish, compare with an uninterrupted
+  run.
+- monitor: GradientVarianceMonitor in fit under the strategy.
+"""
+
+import functools
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf  # noqa: E402
+
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 3,
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy_reference as reference  # noqa: E402
+
+import keras_gradtools as kg  # noqa: E402
+from scripts.distributed_common import custom_loop  # noqa: E402
+from scripts.distributed_common import data  # noqa: E402
+from scripts.distributed_common import make_model  # noqa: E402
+from scripts.distributed_common import make_optimizer  # noqa: E402
+from scripts.distributed_common import report  # noqa: E402
+
+_STRATEGIES = {}
+
+
+def strategy_over(replicas):
+    """One strategy per replica count and process: collective groups of
+    different sizes do not mix in one process, so the 2- and 3-replica
+    checks run in separate processes."""
+    if replicas == 1:
+        return tf.distribute.get_strategy()
+    if replicas not in _STRATEGIES:
+        _STRATEGIES[replicas] = tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(replicas)]
+        )
+    return _STRATEGIES[replicas]
+
+
+def train(replicas, kind, k, mode, x, y, global_batch, **overrides):
+    strategy = strategy_over(replicas)
+    with strategy.scope():
+        model = make_model()
+        optimizer = make_optimizer(kind, k, **overrides)
+        if mode == "fit":
+            model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+        else:
+            optimizer.build(model.trainable_variables)
+    grads = None
+    if mode == "fit":
+        model.fit(
+            x, y, batch_size=global_batch, epochs=1, shuffle=False, verbose=0
+        )
+    else:
+        grads = custom_loop(
+            strategy, model, optimizer, x, y, global_batch
+        ).grads
+    return strategy, model, optimizer, grads
+
+
+def differing_replicas(strategy, model, optimizer):
+    """Paths of mirrored variables whose copies are not bitwise equal."""
+    differing = []
+    for variable in list(model.variables) + list(optimizer.variables):
+        value = getattr(variable, "value", variable)
+        if "SyncOnRead" in type(value).__name__:
+            continue  # per-replica partial sums, by design
+        copies = [
+            np.asarray(c).tobytes()
+            for c in strategy.experimental_local_results(value)
+        ]
+        if len(set(copies)) > 1:
+            differing.append(getattr(variable, "path", variable.name))
+    return differing
+
+
+def max_difference(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+        for u, v in zip(a, b)
+    )
+
+
+def check_equality(replica_counts):
+    kinds = ("sgd", "adam_macro", "adam_micro", "adamw", "wrap_rmsprop")
+    kinds += ("adam_statistics", "adam_micro_clip_each")
+    for replicas in replica_counts:
+        global_batch = 4 * replicas
+        x, y = data(global_batch, 8)
+        for mode in ("loop", "fit"):
+            for kind in kinds:
+                for k in (1, 4):
+                    if replicas == 3 and kind in ("sgd", "adam_statistics"):
+                        continue
+                    _, single_model, single_opt, _ = train(
+                        1, kind, k, mode, x, y, global_batch
+                    )
+                    strategy, model, opt, _ = train(
+                        replicas, kind, k, mode, x, y, global_batch
+                    )
+                    report(
+                        check="equality",
+                        replicas=replicas,
+                        mode=mode,
+                        kind=kind,
+                        k=k,
+                        max_abs_difference=max_difference(
+                            single_model.get_weights(), model.get_weights()
+                        ),
+                        weight_scale=max(
+                            float(np.max(np.abs(w)))
+                            for w in single_model.get_weights()
+                        ),
+                        differing_replicas=differing_replicas(
+                            strategy, model, opt
+                        ),
+                        iterations=[
+                            int(single_opt.iterations.numpy()),
+                            int(opt.iterations.numpy()),
+                        ],
+                        micro_steps=[
+                            int(single_opt.micro_steps.numpy()),
+                            int(opt.micro_steps.numpy()),
+                        ],
+                        noise_std=[
+                            float(
+                                single_opt.gradient_statistics()["noise_std"]
+                            ),
+                            float(opt.gradient_statistics()["noise_std"]),
+                        ],
+                    )
+
+
+def replica_estimate(cycle, replicas):
+    """DESIGN.md §5: each replica's micro-batch gradient g_rk is a sample
+    h = R * g_rk at the local batch size; variances are reported at the
+    global micro-batch size, Var(h) / R."""
+    samples = [
+        [replicas * g for g in replica_grads]
+        for step in cycle
+        for replica_grads in step
+    ]
+    n = len(samples)
+    mean = [sum(column) / n for column in zip(*samples)]
+    mean_square = [sum(h * h for h in column) / n for column in zip(*samples)]
+    within = [
+        np.maximum(q - g * g, 0.0) / replicas for q, g in zip(mean_square, mean)
+    ]
+    stats = reference.gradient_statistics(samples)
+    stats["variance"] /= replicas
+    stats["noise_scale"] /= replicas
+    return mean, within, stats
+
+
+def check_estimator(replicas=2, k=4):
+    """Adam "micro" and the statistics use the per-replica gradients as
+    samples; compare with float64 NumPy on the recorded gradients."""
+    global_batch = 4 * replicas
+    x, y = data(global_batch, 8, seed=3)
+    single_weights = make_model().get_weights()
+    strategy, model, opt, recorded = train(
+        replicas,
+        "adam_micro",
+        k,
+        "loop",
+        x,
+        y,
+        global_batch,
+        noise_eta=0.0,
+        track_gradient_statistics=True,
+    )
+    rule = reference.AdamRule(
+        learning_rate=0.05, second_moment="micro", accumulation_steps=k
+    )
+    weights = [np.asarray(w, np.float64) for w in single_weights]
+    stats = None
+    for t, start in enumerate(range(0, len(recorded), k), start=1):
+        mean, within, stats = replica_estimate(
+            recorded[start : start + k], replicas
+        )
+        clipped, factors = reference.clip(mean, "global_clipnorm", 0.5)
+        variance = [c**2 * w for c, w in zip(factors, within)]
+        rule.step(weights, clipped, variance, t)
+    measured = {
+        name: float(value) for name, value in opt.gradient_statistics().items()
+    }
+    # K = 1: the replicas are the only samples of the variance.
+    _, _, single_step_opt, single_step = train(
+        replicas,
+        "adam_statistics",
+        1,
+        "loop",
+        x,
+        y,
+        global_batch,
+        noise_eta=0.0,
+    )
+    expected_k1 = replica_estimate(single_step[-1:], replicas)[2]
+    report(
+        check="estimator",
+        k=1,
+        replicas=replicas,
+        expected_statistics=expected_k1,
+        measured_statistics={
+            name: float(value)
+            for name, value in single_step_opt.gradient_statistics().items()
+        },
+    )
+    report(
+        check="estimator",
+        k=k,
+        replicas=replicas,
+        max_abs_difference=max_difference(weights, model.get_weights()),
+        differing_replicas=differing_replicas(strategy, model, opt),
+        expected_statistics=stats,
+        measured_statistics=measured,
+    )
+
+
+def restore(replicas, kind, k, options, source, saved):
+    target = strategy_over(replicas)
+    with target.scope():
+        if source == "checkpoint":
+            model = make_model()
+            optimizer = make_optimizer(kind, k, **options)
+            optimizer.build(model.trainable_variables)
+            tf.train.Checkpoint(model=model, optimizer=optimizer).read(
+                saved[source]
+            ).assert_consumed()
+        else:
+            model = keras.saving.load_model(saved[source])
+            optimizer = model.optimizer
+    return target, model, optimizer
+
+
+CHECKPOINT_K, CHECKPOINT_BATCH = 4, 12
+CHECKPOINT_KINDS = ("adam_macro", "adam_micro")
+
+
+def _checkpoint_options(kind):
+    return {"track_gradient_statistics": kind == "adam_micro"}
+
+
+def _checkpoint_data():
+    x, y = data(CHECKPOINT_BATCH, 8, seed=5)
+    middle = 6 * CHECKPOINT_BATCH  # 1 update and 2 micro-batches
+    return (x[:middle], y[:middle]), (x[middle:], y[middle:]), (x, y)
+
+
+def save_mid_cycle(directory):
+    """Train 6 micro-batches (K = 4) on 2 replicas and save: a checkpoint
+    and a `.keras` file per optimizer. Adam "macro" keeps only sums;
+    "micro" also sums of squares of per-replica samples."""
+    (x, y), _, _ = _checkpoint_data()
+    for kind in CHECKPOINT_KINDS:
+        strategy, model, opt, _ = train(
+            2,
+            kind,
+            CHECKPOINT_K,
+            "loop",
+            x,
+            y,
+            CHECKPOINT_BATCH,
+            **_checkpoint_options(kind),
+        )
+        tf.train.Checkpoint(model=model, optimizer=opt).write(
+            os.path.join(directory, f"{kind}_mid_cycle")
+        )
+        with strategy.scope():
+            model.compile(optimizer=opt, loss="mse")
+        model.save(os.path.join(directory, f"{kind}_mid_cycle.keras"))
+        partial_sums = [
+            float(np.sum(c))
+            for c in strategy.experimental_local_results(
+                opt._gradient_sums[0].value
+            )
+        ]
+        with open(os.path.join(directory, f"{kind}_sums.json"), "w") as f:
+            json.dump(partial_sums, f)
+
+
+def check_checkpoint(directory, replica_counts):
+    """Restore the mid-cycle saves onto each replica count, finish the
+    epoch, compare with an uninterrupted run (on one device for "macro",
+    on 2 replicas for "micro", whose samples depend on the replicas)."""
+    _, (x_tail, y_tail), (x, y) = _checkpoint_data()
+    k, global_batch = CHECKPOINT_K, CHECKPOINT_BATCH
+    for kind in CHECKPOINT_KINDS:
+        options = _checkpoint_options(kind)
+        saved = {
+            "checkpoint": os.path.join(directory, f"{kind}_mid_cycle"),
+            "keras": os.path.join(directory, f"{kind}_mid_cycle.keras"),
+        }
+        with open(os.path.join(directory, f"{kind}_sums.json")) as f:
+            partial_sums = json.load(f)
+        whole = None
+        reference_replicas = 1 if kind == "adam_macro" else 2
+        if reference_replicas == 1 or reference_replicas in replica_counts:
+            _, whole, _, _ = train(
+                reference_replicas,
+                kind,
+                k,
+                "loop",
+                x,
+                y,
+                global_batch,
+                **options,
+            )
+        for replicas in replica_counts:
+            for source in ("checkpoint", "keras"):
+                result = dict(
+                    check="checkpoint",
+                    kind=kind,
+                    source=source,
+                    replicas=replicas,
+                    partial_sums_saved=partial_sums,
+                )
+                try:
+                    target, restored, restored_opt = restore(
+                        replicas, kind, k, options, source, saved
+                    )
+                    result["micro_steps_restored"] = int(
+                        restored_opt.micro_steps.numpy()
+                    )
+                    result["sums_restored"] = [
+                        float(np.sum(c))
+                        for c in target.experimental_local_results(
+                            restored_opt._gradient_sums[0].value
+                        )
+                    ]
+                    custom_loop(
+                        target,
+                        restored,
+                        restored_opt,
+                        x_tail,
+                        y_tail,
+                        global_batch,
+                    )
+                    result["iterations"] = int(restored_opt.iterations.numpy())
+                    if whole is not None:
+                        result["max_abs_difference"] = max_difference(
+                            whole.get_weights(), restored.get_weights()
+                        )
+                except Exception as error:  # reported, judged by the test
+                    result["error"] = f"{type(error).__name__}: {error}"
+                report(**result)
+
+
+def check_monitor(directory, replicas=2):
+    """The known noise scale of a frozen linear regression, measured by the
+    monitor in `fit` under the strategy, and written to TensorBoard."""
+    from helpers import frozen_linear_model
+    from helpers import linear_regression
+
+    global_batch = 16
+    x, y, expected = linear_regression(global_batch * 4 * 200)
+    with strategy_over(replicas).scope():
+        model = frozen_linear_model(
+            kg.SGD(0.0, accumulation_steps=4, jit_compile=False)
+        )
+    log_dir = os.path.join(directory, "logs")
+    monitor = kg.GradientVarianceMonitor(
+        log_dir=log_dir, per_layer=True, histogram_freq=1, verbose=0
+    )
+    history = model.fit(
+        x,
+        y,
+        batch_size=global_batch,
+        epochs=1,
+        verbose=0,
+        callbacks=[monitor],
+    )
+    report(
+        check="monitor",
+        replicas=replicas,
+        expected_noise_scale=expected,
+        history={
+            k: [float(v) for v in vs] for k, vs in history.history.items()
+        },
+        batch_size=monitor.records[-1]["batch_size"],
+        log_dir=log_dir,
+    )
+
+
+def check_clip_after_sum(replicas=2):
+    """DESIGN.md §5: replica gradients [3, 0] and [0, 4], global_clipnorm=1,
+    SGD with learning rate 1. Clipping the sum [3, 4] moves the weight by
+    -[0.6, 0.8]; clipping each replica first (Keras) by -[1, 1]."""
+    strategy = strategy_over(replicas)
+    moved = {}
+    for name, factory in (
+        ("ours", lambda: kg.SGD(1.0, global_clipnorm=1.0, jit_compile=False)),
+        ("keras", lambda: keras.optimizers.SGD(1.0, global_clipnorm=1.0)),
+    ):
+        with strategy.scope():
+            weight = keras.Variable(np.zeros(2, "float32"))
+            optimizer = factory()
+            optimizer.build([weight])
+
+        def replica_step(optimizer, weight):
+            context = tf.distribute.get_replica_context()
+            first = tf.equal(context.replica_id_in_sync_group, 0)
+            grad = tf.where(first, [3.0, 0.0], [0.0, 4.0])
+            optimizer.apply([grad], [weight])
+
+        step = functools.partial(replica_step, optimizer, weight)
+        tf.function(lambda step=step: strategy.run(step))()
+        moved[name] = [float(v) for v in weight.numpy()]
+    report(check="clip_after_sum", replicas=replicas, **moved)
+
+
+if __name__ == "__main__":
+    checks, directory = sys.argv[1].split(","), sys.argv[2]
+    runs = {
+        "equality": lambda: check_equality((2,)),
+        "equality3": lambda: check_equality((3,)),
+        "estimator": check_estimator,
+        "save_mid_cycle": lambda: save_mid_cycle(directory),
+        "restore": lambda: check_checkpoint(directory, (1, 2)),
+        "restore3": lambda: check_checkpoint(directory, (3,)),
+        "monitor": lambda: check_monitor(directory),
+        "clip_after_sum": check_clip_after_sum,
+    }
+    for check in checks:
+        runs[check]()
