@@ -127,9 +127,14 @@ def test_micro_second_moment_and_statistics_use_replicas_as_samples(
             assert measured == pytest.approx(expected, rel=1e-5), name
 
 
+restore_targets = pytest.mark.parametrize(
+    "source,replicas",
+    [(s, r) for s in ("checkpoint", "keras") for r in (1, 2, 3)],
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas", [1, 2, 3])
-@pytest.mark.parametrize("source", ["checkpoint", "keras"])
+@restore_targets
 def test_mid_cycle_sums_restore_onto_any_replica_count(
     mirrored, source, replicas
 ):
@@ -151,8 +156,7 @@ def test_mid_cycle_sums_restore_onto_any_replica_count(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas", [1, 2, 3])
-@pytest.mark.parametrize("source", ["checkpoint", "keras"])
+@restore_targets
 def test_sums_of_squares_refuse_another_replica_count_mid_cycle(
     mirrored, source, replicas
 ):

@@ -276,13 +276,6 @@ class GradientPipelineOptimizer(
             "cycle_replicas", "int", 1, "cycle_replicas"
         )
 
-    @property
-    def _sample_replicas(self):
-        """R when each replica's gradient is a separate sample, else 1."""
-        return (
-            self._strategy.num_replicas_in_sync if self._samples_replicas else 1
-        )
-
     def _record_cycle_replicas(self, first):
         if self._square_sums:
             self._cycle_replicas.assign(

@@ -32,6 +32,9 @@ from keras import backend
 from keras import initializers
 from keras import ops
 
+from keras_gradtools.optimizers import gradient_checks
+from keras_gradtools.optimizers.control_flow import run_if
+
 # The cycle counter counts global micro-batches in units of 1 / COUNT_UNIT:
 # each of R replicas adds COUNT_UNIT // R per finite micro-batch, exactly.
 # COUNT_UNIT = lcm(1..16) * 2**16 = 45045 * 2**20: every R up to 16, every
@@ -191,6 +194,13 @@ class CrossReplicaPipelineMixin:
             and not self.clip_micro_batches
         )
 
+    @property
+    def _sample_replicas(self):
+        """R when each replica's gradient is a separate sample, else 1."""
+        if not self._samples_replicas:
+            return 1
+        return self._strategy.num_replicas_in_sync
+
     def _update_across_replicas(self, strategy, grads, squares, variables):
         """K == 1: sums the replicas' gradients (one batched all-reduce),
         then updates from the global-batch gradient."""
@@ -214,8 +224,6 @@ class CrossReplicaPipelineMixin:
             means, _ = self._clip(means)
         gate = None
         if self.on_nonfinite == "skip":
-            from keras_gradtools.optimizers import gradient_checks
-
             gate = gradient_checks.all_finite(means)
         self._update(
             means,
@@ -230,8 +238,6 @@ class CrossReplicaPipelineMixin:
     def _step_across_replicas(self, strategy, variables):
         """K > 1: the replicas' sums are written; only the last micro-batch
         of a cycle reads them (the all-reduce) and updates."""
-        from keras_gradtools.optimizers.control_flow import run_if
-
         position = ops.mod(self._micro_steps, self.accumulation_steps)
         self._record_cycle_replicas(ops.equal(position, 0))
         run_if(
