@@ -521,11 +521,19 @@ class GradientPipelineOptimizer(
         """
         count = distribution.counted_micro_batches(self._cycle_micro_batches)
         indices = [self._get_variable_index(v) for v in variables]
-        means = [ops.divide(self._gradient_sums[i], count) for i in indices]
+        # Multiplying by a reciprocal rather than dividing: XLA treats a
+        # division as expensive and materialises its result once for the
+        # two moments that read it (an extra write and read of every
+        # parameter); a product fuses into each reader.
+        reciprocal = 1.0 / count
+        means = [
+            ops.multiply(self._gradient_sums[i], reciprocal) for i in indices
+        ]
         mean_squares = None
         if self._square_sums:
+            square_scale = reciprocal * sample_replicas
             mean_squares = [
-                ops.divide(self._square_sums[i], count / sample_replicas)
+                ops.multiply(self._square_sums[i], square_scale)
                 for i in indices
             ]
             mean_squares = self._check_cycle_replicas(mean_squares, means)
