@@ -11,6 +11,7 @@ from scipy.special import erfinv
 from keras_gradtools.transforms import gaussian_noise_like
 from keras_gradtools.transforms import standard_normal
 from keras_gradtools.transforms import threefry2x32
+from keras_gradtools.transforms.threefry import erfinv as erfinv_f32
 from keras_gradtools.transforms.threefry import normal_from_bits
 
 # Known-answer vectors of Threefry-2x32-20 from the Random123 distribution
@@ -49,7 +50,7 @@ def _numpy_standard_normal(count, key, stream):
         [np.uint32(k) for k in key],
         [np.arange(pairs, dtype=np.uint32), np.full(pairs, stream, np.uint32)],
     )
-    bits = np.stack([np.asarray(x0), np.asarray(x1)], axis=-1).reshape(-1)
+    bits = np.concatenate([np.asarray(x0), np.asarray(x1)])
     centered = (np.floor(bits.astype(np.float64) / 512) + 0.5) / 2**22 - 1
     return (np.sqrt(2.0) * erfinv(centered))[:count]
 
@@ -58,6 +59,16 @@ def test_inverse_transform_matches_float64_twin():
     z = np.asarray(standard_normal(1001, (5, 9), 3))
     expected = _numpy_standard_normal(1001, (5, 9), 3)
     np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_erfinv_matches_scipy_on_every_input_scale():
+    # Every 2**9-th 23-bit input: the whole range normal_from_bits feeds it,
+    # the far tails included.
+    top = np.arange(0, 2**23, 2**9, dtype=np.float64)
+    top = np.concatenate([top, [1, 2, 2**23 - 2, 2**23 - 1]])
+    x = (top + 0.5) / 2**22 - 1
+    ours = np.asarray(erfinv_f32(x.astype(np.float32)), np.float64)
+    np.testing.assert_allclose(ours, erfinv(x), rtol=2e-6, atol=1e-6)
 
 
 def test_extreme_bit_patterns_give_finite_symmetric_samples():
