@@ -168,8 +168,11 @@ def test_sums_of_squares_refuse_another_replica_count_mid_cycle(
         replicas=replicas,
     )
     if replicas == 2:
+        # Same replica count: the sums of squares combine. Not bitwise: the
+        # restored replicas each hold half the saved sum rather than their
+        # own partial sums, so the last micro-batches round differently.
         assert "error" not in result
-        assert result["max_abs_difference"] == 0.0
+        assert result["max_abs_difference"] <= FLOAT32_ROUNDING
         return
     if source == "keras":
         assert (

@@ -109,7 +109,9 @@ def test_mixed_precision_trains_with_float32_state(policy):
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-        history = model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+        # Six epochs: the loss falls to about half under either policy, so
+        # the 0.7 bound tests training, not the draw of the noise.
+        history = model.fit(x, y, batch_size=32, epochs=6, verbose=0)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     if policy == "mixed_float16":
