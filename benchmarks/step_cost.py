@@ -56,6 +56,7 @@ CONFIGS = (
     ("floor: XLA v.assign(a*v + g)", "floor", 1),
     ("keras SGD(momentum=0.9)", "keras_sgd", 1),
     ("ours SGD(momentum=0.9)", "ours_sgd", 1),
+    ('ours SGD(momentum=0.9) on_nonfinite="apply"', "ours_sgd_apply", 1),
     ("keras Adam", "keras_adam", 1),
     ("ours Adam", "ours_adam", 1),
     ('ours Adam on_nonfinite="apply"', "ours_adam_apply", 1),
@@ -64,6 +65,11 @@ CONFIGS = (
     (f"keras Adam(gradient_accumulation_steps={K})", "keras_adam_k", K),
     (f"ours Adam K={K} macro", "ours_adam_k_macro", K),
     (f"ours Adam K={K} micro", "ours_adam_k_micro", K),
+    (
+        f'ours Adam K={K} macro on_nonfinite="apply"',
+        "ours_adam_k_macro_apply",
+        K,
+    ),
     ("ours Adam noise_eta=0.01", "ours_adam_noise", 1),
     (
         f"ours Adam K={K} micro + noise + global_clipnorm=1",
@@ -83,6 +89,12 @@ RATIOS = (
         None,
     ),
     ("ours/keras SGD (K=1)", "ours_sgd", "keras_sgd", 1.10),
+    (
+        'ours on_nonfinite="apply" / keras SGD (K=1)',
+        "ours_sgd_apply",
+        "keras_sgd",
+        None,
+    ),
     ("ours/keras AdamW (K=1)", "ours_adamw", "keras_adamw", 1.10),
     (
         f"ours K={K} macro / keras K={K} (per micro-batch)",
@@ -98,6 +110,12 @@ RATIOS = (
     ),
     (f"ours K={K} macro / ideal", "ours_adam_k_macro", "ideal", 1.3),
     (f"ours K={K} micro / ideal", "ours_adam_k_micro", "ideal", 1.3),
+    (
+        f'ours K={K} macro on_nonfinite="apply" / ideal',
+        "ours_adam_k_macro_apply",
+        "ideal",
+        None,
+    ),
     (
         f"ours K={K} micro / macro",
         "ours_adam_k_micro",
@@ -179,6 +197,7 @@ def _make_optimizer(key):
     makers = {
         "keras_sgd": lambda: keras.optimizers.SGD(momentum=0.9),
         "ours_sgd": lambda: kg.SGD(momentum=0.9),
+        "ours_sgd_apply": lambda: kg.SGD(momentum=0.9, on_nonfinite="apply"),
         "keras_adam": lambda: keras.optimizers.Adam(),
         "ours_adam": lambda: kg.Adam(),
         "ours_adam_apply": lambda: kg.Adam(on_nonfinite="apply"),
@@ -192,6 +211,9 @@ def _make_optimizer(key):
         ),
         "ours_adam_k_micro": lambda: kg.Adam(
             accumulation_steps=K, second_moment="micro"
+        ),
+        "ours_adam_k_macro_apply": lambda: kg.Adam(
+            accumulation_steps=K, second_moment="macro", on_nonfinite="apply"
         ),
         "ours_adam_noise": lambda: kg.Adam(noise_eta=0.01, noise_seed=1),
         "ours_adam_k_full": lambda: kg.Adam(
@@ -456,6 +478,7 @@ def main(argv=None):
         "ours_adamw": "keras_adamw",
         "ours_adam_k_macro": "keras_adam_k",
         "ours_adam_k_micro": "keras_adam_k",
+        "ours_adam_k_macro_apply": "keras_adam_k",
         "ours_adam_noise": "keras_adam",
         "ours_adam_k_full": "keras_adam_k",
     }
