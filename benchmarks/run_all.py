@@ -5,11 +5,13 @@ Usage:
     python benchmarks/run_all.py [--quick] [--markdown]
 
 Runs `benchmarks/step_cost.py` (the optimizer step against Keras's and a
-memory-bandwidth floor: accumulation, noise, optimizer state) and then
+memory-bandwidth floor: accumulation, noise, statistics, optimizer state),
+`benchmarks/xla_pieces.py` (what the finite check, a sum of squares and
+the two halves of the noise cost on their own) and
 `benchmarks/fit_throughput.py` (`model.fit` samples per second, the
 monitor's overhead, peak memory of a 50M-parameter model), each in a
-process of its own so that neither's compiled functions or memory peak
-reach the other, and prints both reports. `--quick` shrinks both to a
+process of its own so that no script's compiled functions or memory peak
+reach another, and prints the three reports. `--quick` shrinks both to a
 format smoke test (CI runs it); timings are never asserted. Exits with the
 first failing script's status, else prints `benchmark: ok` last.
 """
@@ -19,7 +21,7 @@ import os
 import subprocess
 import sys
 
-SCRIPTS = ("step_cost.py", "fit_throughput.py")
+SCRIPTS = ("step_cost.py", "xla_pieces.py", "fit_throughput.py")
 
 
 def main(argv=None):

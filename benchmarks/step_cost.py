@@ -70,6 +70,11 @@ CONFIGS = (
         "ours_adam_k_macro_apply",
         K,
     ),
+    (
+        f"ours Adam K={K} micro track_gradient_statistics",
+        "ours_adam_k_statistics",
+        K,
+    ),
     ("ours Adam noise_eta=0.01", "ours_adam_noise", 1),
     (
         f"ours Adam K={K} micro + noise + global_clipnorm=1",
@@ -123,6 +128,12 @@ RATIOS = (
         1.2,
     ),
     ("noise / no noise (ours Adam K=1)", "ours_adam_noise", "ours_adam", 3.0),
+    (
+        f"statistics on / off (ours K={K} micro)",
+        "ours_adam_k_statistics",
+        "ours_adam_k_micro",
+        None,
+    ),
     ("full pipeline / ideal", "ours_adam_k_full", "ideal", None),
     (
         f"full pipeline / ours K={K} micro",
@@ -214,6 +225,11 @@ def _make_optimizer(key):
         ),
         "ours_adam_k_macro_apply": lambda: kg.Adam(
             accumulation_steps=K, second_moment="macro", on_nonfinite="apply"
+        ),
+        "ours_adam_k_statistics": lambda: kg.Adam(
+            accumulation_steps=K,
+            second_moment="micro",
+            track_gradient_statistics=True,
         ),
         "ours_adam_noise": lambda: kg.Adam(noise_eta=0.01, noise_seed=1),
         "ours_adam_k_full": lambda: kg.Adam(
@@ -479,6 +495,7 @@ def main(argv=None):
         "ours_adam_k_macro": "keras_adam_k",
         "ours_adam_k_micro": "keras_adam_k",
         "ours_adam_k_macro_apply": "keras_adam_k",
+        "ours_adam_k_statistics": "keras_adam_k",
         "ours_adam_noise": "keras_adam",
         "ours_adam_k_full": "keras_adam_k",
     }

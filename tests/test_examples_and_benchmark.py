@@ -31,13 +31,16 @@ def test_benchmark_suite_quick_mode_prints_every_ratio():
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert out.rstrip().endswith("benchmark: ok")
-    # Both reports, each complete: their own last line, then the suite's.
-    assert out.count("benchmark: ok") == 3
+    # Three reports, each complete: their own last line, then the suite's.
+    assert out.count("benchmark: ok") == 4
     for row in [
         "ours/keras Adam (K=1)",
         "micro / macro",
         "noise / no noise",
         "ours K=4 macro / ideal",
+        "statistics on / off",
+        "finite check / floor",
+        "ops.erfinv / ours, net of the copy",
         "monitor overhead",
         "ours K=4 / ours K=1",
         "peak RSS in fit MiB",
