@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402  (benchmarks/machine.py)
+import report  # noqa: E402  (benchmarks/report.py)
 import step_cost  # noqa: E402  (the same tensors)
 
 # (row name, key).
@@ -60,8 +61,9 @@ def _pieces(shapes, seed):
     from keras_gradtools.optimizers.gradient_checks import all_finite
     from keras_gradtools.transforms import global_norm
     from keras_gradtools.transforms import standard_normal
-    from keras_gradtools.transforms import threefry2x32
     from keras_gradtools.transforms.threefry import normal_from_bits
+    from keras_gradtools.transforms.threefry import open_uniform
+    from keras_gradtools.transforms.threefry import random_words
 
     rng = np.random.default_rng(seed)
     grads = [
@@ -96,13 +98,7 @@ def _pieces(shapes, seed):
         return scalar.value()
 
     def threefry():
-        pairs = (count + 1) // 2
-        position = ops.cast(ops.arange(pairs, dtype="int32"), "uint32")
-        stream = ops.add(
-            ops.zeros((pairs,), "uint32"), ops.cast(step, "uint32")
-        )
-        bits = ops.concatenate(threefry2x32((7, 0), (position, stream)))
-        words.assign(bits[:count])
+        words.assign(random_words(count, (7, 0), step))
         step.assign_add(1)
         return words[0]
 
@@ -111,8 +107,7 @@ def _pieces(shapes, seed):
         return flat[0]
 
     def ops_erfinv():
-        top = ops.cast(ops.right_shift(words, 9), "float32")
-        flat.assign(math.sqrt(2.0) * ops.erfinv((top + 0.5) * 2.0**-22 - 1.0))
+        flat.assign(math.sqrt(2.0) * ops.erfinv(open_uniform(words)))
         return flat[0]
 
     def normal():
@@ -181,11 +176,11 @@ def main(argv=None):
         "calls, a sync after each block\n"
     )
     rows = [
-        [name, *(f"{v * 1e3:.3f}" for v in step_cost._summary(seconds[key]))]
+        [name, *(f"{v * 1e3:.3f}" for v in report.summary(seconds[key]))]
         for name, key in PIECES
     ]
     print(
-        step_cost._format_table(
+        report.format_table(
             ["piece", "min ms", "median ms", "max ms"], rows, args.markdown
         )
     )
@@ -198,10 +193,10 @@ def main(argv=None):
             if net:
                 x, y = x - seconds["copy"][i], y - seconds["copy"][i]
             values.append(x / y)
-        lo, mid, hi = step_cost._summary(values)
+        lo, mid, hi = report.summary(values)
         rows.append([label, f"{mid:.3f}", f"{lo:.3f}", f"{hi:.3f}"])
     print(
-        step_cost._format_table(
+        report.format_table(
             ["ratio", "median", "min", "max"], rows, args.markdown
         )
     )

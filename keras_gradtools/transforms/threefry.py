@@ -59,16 +59,36 @@ def threefry2x32(
     return x0, x1
 
 
+def random_words(
+    count: int, key: tuple[TensorLike, TensorLike], stream: TensorLike
+) -> TensorLike:
+    """Returns `count` pseudo-random uint32 words.
+
+    Counter `(i, stream)` under `key` gives two words: the first becomes
+    word `i`, the second word `pairs + i` (`pairs = ceil(count / 2)`), so
+    distinct `(key, stream)` pairs give independent blocks. Halves rather
+    than interleaved pairs: XLA then writes each word where it is produced
+    instead of shuffling the two words together.
+
+    Args:
+        count: Python int, the number of words.
+        key: A pair of uint32 scalars.
+        stream: uint32 scalar, e.g. the update step.
+
+    Returns:
+        A uint32 tensor of shape `(count,)`.
+    """
+    pairs = (count + 1) // 2
+    position = ops.cast(ops.arange(pairs, dtype="int32"), "uint32")
+    stream = ops.add(ops.zeros((pairs,), "uint32"), ops.cast(stream, "uint32"))
+    return ops.concatenate(threefry2x32(key, (position, stream)))[:count]
+
+
 def standard_normal(
     count: int, key: tuple[TensorLike, TensorLike], stream: TensorLike
 ) -> TensorLike:
-    """Returns `count` i.i.d. N(0, 1) float32 samples.
-
-    Counter `(i, stream)` under `key` gives two words: the first becomes
-    sample `i`, the second sample `pairs + i` (`pairs = ceil(count / 2)`),
-    so distinct `(key, stream)` pairs give independent blocks. Halves
-    rather than interleaved pairs: XLA then writes each word where it is
-    produced instead of shuffling the two words together.
+    """Returns `count` i.i.d. N(0, 1) float32 samples: sample `i` is
+    `normal_from_bits` of word `i` of `random_words(count, key, stream)`.
 
     Args:
         count: Python int, the number of samples.
@@ -76,26 +96,27 @@ def standard_normal(
         stream: uint32 scalar, e.g. the update step.
 
     Returns:
-        A float32 tensor of shape `(count,)`, see `normal_from_bits`.
+        A float32 tensor of shape `(count,)`.
     """
-    pairs = (count + 1) // 2
-    position = ops.cast(ops.arange(pairs, dtype="int32"), "uint32")
-    stream = ops.add(ops.zeros((pairs,), "uint32"), ops.cast(stream, "uint32"))
-    bits = ops.concatenate(threefry2x32(key, (position, stream)))
-    return normal_from_bits(bits)[:count]
+    return normal_from_bits(random_words(count, key, stream))
 
 
 def normal_from_bits(bits: TensorLike) -> TensorLike:
-    """Maps uint32 random words to N(0, 1) samples by inverse transform.
+    """Maps uint32 random words to N(0, 1) samples by inverse transform:
+    `z = sqrt(2) * erfinv(x)` of `x = open_uniform(bits)`, so |z| <= 5.3
+    (tails beyond: p = 1e-7)."""
+    return math.sqrt(2.0) * erfinv(open_uniform(bits))
 
-    The top 23 bits `b` give `x = (b + 0.5) / 2**22 - 1`, uniform on the
-    open interval (-1, 1) and exact in float32 (24 bits would round the
-    largest value to 1 and give an infinite sample). Then
-    `z = sqrt(2) * erfinv(x)`, so |z| <= 5.3 (tails beyond: p = 1e-7).
+
+def open_uniform(bits: TensorLike) -> TensorLike:
+    """Maps uint32 random words to float32 uniform on (-1, 1).
+
+    The top 23 bits `b` give `x = (b + 0.5) / 2**22 - 1`, exact in float32
+    and never +-1 (24 bits would round the largest value to 1, whose
+    erfinv is infinite).
     """
     top = ops.cast(ops.right_shift(bits, 9), "float32")
-    centered = (top + 0.5) * 2.0**-22 - 1.0
-    return math.sqrt(2.0) * erfinv(centered)
+    return (top + 0.5) * 2.0**-22 - 1.0
 
 
 # M. Giles, "Approximating the erfinv function", GPU Computing Gems (2011):
