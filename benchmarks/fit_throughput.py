@@ -42,6 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402  (benchmarks/machine.py)
+import report  # noqa: E402  (benchmarks/report.py)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -322,26 +323,6 @@ def memory(quick):
     return results
 
 
-def table(header, rows, markdown):
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |"]
-        lines.append(
-            "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"
-        )
-        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    else:
-        widths = [
-            max(len(str(r[i])) for r in [header] + rows)
-            for i in range(len(header))
-        ]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
-        lines += [
-            "  ".join(str(c).ljust(w) for c, w in zip(row, widths))
-            for row in rows
-        ]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="benchmarks/fit_throughput.py",
@@ -381,7 +362,7 @@ def main(argv=None):
             f"{batch * steps} samples per timed epoch\n"
         )
         print(
-            table(
+            report.format_table(
                 ["config", "min samples/s", "median", "max"],
                 [
                     (n, f"{a:.0f}", f"{b:.0f}", f"{c:.0f}")
@@ -392,7 +373,7 @@ def main(argv=None):
         )
         print()
         print(
-            table(
+            report.format_table(
                 ["ratio", "min", "median", "max", "target"],
                 [
                     (n, f"{a:.3f}", f"{b:.3f}", f"{c:.3f}", t or "-")
@@ -404,7 +385,7 @@ def main(argv=None):
         print()
     print("## peak memory, 8 micro-batches of fit in a fresh process\n")
     print(
-        table(
+        report.format_table(
             [
                 "config",
                 "parameters",

@@ -11,7 +11,7 @@ the two halves of the noise cost on their own) and
 `benchmarks/fit_throughput.py` (`model.fit` samples per second, the
 monitor's overhead, peak memory of a 50M-parameter model), each in a
 process of its own so that no script's compiled functions or memory peak
-reach another, and prints the three reports. `--quick` shrinks both to a
+reach another, and prints the three reports. `--quick` shrinks all three to a
 format smoke test (CI runs it); timings are never asserted. Exits with the
 first failing script's status, else prints `benchmark: ok` last.
 """

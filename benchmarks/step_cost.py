@@ -47,6 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402  (benchmarks/machine.py)
+import report  # noqa: E402  (benchmarks/report.py)
 
 K = 4  # accumulation steps of the accumulating configurations
 
@@ -365,29 +366,6 @@ def _measure_sync_overhead(case, repeats=200):
 # Reporting.
 
 
-def _summary(values):
-    return min(values), statistics.median(values), max(values)
-
-
-def _format_table(header, rows, markdown):
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |"]
-        aligns = ["---"] + ["---:"] * (len(header) - 1)
-        lines.append("| " + " | ".join(aligns) + " |")
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-
-    def line(row):
-        cells = [str(row[0]).ljust(widths[0])]
-        cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:])]
-        return "  ".join(cells).rstrip()
-
-    out = [line(header), "  ".join("-" * w for w in widths)]
-    out += [line(row) for row in rows]
-    return "\n".join(out)
-
-
 def _ms(seconds):
     return f"{seconds * 1e3:.3f}"
 
@@ -513,7 +491,7 @@ def main(argv=None):
     ]
     rows = []
     for case in cases:
-        lo, mid, hi = _summary(per_call[case.key])
+        lo, mid, hi = report.summary(per_call[case.key])
         if case.k > 1:
             acc = _ms(statistics.median(accumulate_only[case.key]))
             upd = _ms(statistics.median(update_only[case.key]))
@@ -540,7 +518,7 @@ def main(argv=None):
                 reference,
             ]
         )
-    lo, mid, hi = _summary(per_call["ideal"])
+    lo, mid, hi = report.summary(per_call["ideal"])
     rows.append(
         [
             f"ideal K={K}: (3*floor + keras Adam)/4",
@@ -562,7 +540,7 @@ def main(argv=None):
         "included). State: bytes of optimizer.variables per model parameter."
     )
     print()
-    print(_format_table(header, rows, args.markdown))
+    print(report.format_table(header, rows, args.markdown))
     print()
 
     # Table 2: ratios, computed per round.
@@ -570,7 +548,7 @@ def main(argv=None):
     rows = []
     for label, num, den, target in RATIOS:
         values = [a / b for a, b in zip(per_call[num], per_call[den])]
-        lo, mid, hi = _summary(values)
+        lo, mid, hi = report.summary(values)
         if target is None:
             target_text, met = "-", "-"
         else:
@@ -592,7 +570,7 @@ def main(argv=None):
         f"ideal = (3*floor + keras Adam K=1)/4 per micro-batch at K={K}."
     )
     print()
-    print(_format_table(header, rows, args.markdown))
+    print(report.format_table(header, rows, args.markdown))
     print()
     print(f"load:     {_load()} (1/5/15-min load average at the end)")
     total = time.perf_counter() - started
