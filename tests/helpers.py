@@ -41,6 +41,18 @@ def tiny_classifier(input_dim=64, classes=10, seed=0):
     )
 
 
+def compiled_classifier(optimizer, **compile_options):
+    """`tiny_classifier()` compiled with `optimizer` and a from-logits
+    sparse cross-entropy loss (plus any other `compile` options)."""
+    model = tiny_classifier()
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **compile_options,
+    )
+    return model
+
+
 def digits(n=None):
     from sklearn.datasets import load_digits
 

@@ -5,10 +5,10 @@ nothing, the plot and the advice."""
 import keras
 import numpy as np
 import pytest
+from helpers import compiled_classifier
 from helpers import digits
 from helpers import frozen_linear_model
 from helpers import linear_regression
-from helpers import tiny_classifier
 
 import keras_gradtools as kg
 from keras_gradtools.optimizers.statistics import STATISTICS_SMOOTHING
@@ -127,10 +127,8 @@ def _tensorboard_scalars(directory):
 @pytest.mark.slow
 def test_tensorboard_events_alongside_keras_tensorboard(tmp_path):
     x, y = digits(512)
-    model = tiny_classifier()
-    model.compile(
-        optimizer=kg.Adam(3e-3, accumulation_steps=4, noise_eta=1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    model = compiled_classifier(
+        kg.Adam(3e-3, accumulation_steps=4, noise_eta=1e-4)
     )
     monitor = kg.GradientVarianceMonitor(
         log_dir=str(tmp_path), per_layer=True, histogram_freq=1, verbose=0
@@ -210,12 +208,8 @@ def test_probe_changes_no_weight_state_or_metric():
 
 def test_monitor_switches_statistics_on_and_retraces():
     x, y = digits(256)
-    model = tiny_classifier()
     optimizer = kg.SGD(0.05, accumulation_steps=4)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model = compiled_classifier(optimizer)
     model.fit(x, y, batch_size=32, verbose=0)  # traced without statistics
     assert not optimizer.track_gradient_statistics
     history = model.fit(
@@ -228,11 +222,7 @@ def test_monitor_switches_statistics_on_and_retraces():
 
 def test_monitor_without_a_way_to_measure_is_a_clear_error():
     x, y = digits(64)
-    model = tiny_classifier()
-    model.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model = compiled_classifier("adam")
     with pytest.raises(ValueError, match="probe_data"):
         model.fit(x, y, verbose=0, callbacks=[kg.GradientVarianceMonitor()])
     with pytest.raises(ValueError, match="probe_batches"):

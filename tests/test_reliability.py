@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compiled_classifier
 from helpers import digits
 from helpers import tiny_classifier
 from hypothesis import given
@@ -101,14 +102,10 @@ def test_mixed_precision_trains_with_float32_state(policy):
     x, y = digits(512)
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = tiny_classifier()
         optimizer = kg.Adam(
             1e-2, accumulation_steps=4, noise_eta=1e-4, noise_seed=0
         )
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        model = compiled_classifier(optimizer)
         # Six epochs: the loss falls to about half under either policy, so
         # the 0.7 bound tests training, not the draw of the noise.
         history = model.fit(x, y, batch_size=32, epochs=6, verbose=0)
@@ -130,17 +127,13 @@ def test_loss_scale_overflows_do_not_advance_the_cycle():
     x, y = digits(512)
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = tiny_classifier()
         optimizer = kg.Adam(1e-2, accumulation_steps=4)
         # A loss scale of 2**24 overflows float16 gradients: Keras skips
         # those steps (halving the scale) before our optimizer sees them.
         wrapped = keras.optimizers.LossScaleOptimizer(
             optimizer, initial_scale=2.0**24
         )
-        model.compile(
-            optimizer=wrapped,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        model = compiled_classifier(wrapped)
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -155,12 +148,8 @@ def test_loss_scale_overflows_do_not_advance_the_cycle():
 
 def test_cycle_spans_epochs_and_k_larger_than_an_epoch():
     x, y = digits(64)
-    model = tiny_classifier()
     optimizer = kg.SGD(0.1, accumulation_steps=10)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model = compiled_classifier(optimizer)
     before = model.get_weights()
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)  # 8 micro-batches
     assert all(

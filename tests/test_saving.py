@@ -4,8 +4,8 @@ accumulation cycle, noise stream included."""
 import keras
 import numpy as np
 import pytest
+from helpers import compiled_classifier
 from helpers import digits
-from helpers import tiny_classifier
 
 import keras_gradtools as kg
 
@@ -27,20 +27,11 @@ FACTORIES = {
 }
 
 
-def _compiled_model(optimizer):
-    model = tiny_classifier()
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_resume_mid_cycle_is_bitwise_identical(name, tmp_path):
     x, y = digits(320)
     first, rest = slice(0, 6 * 32), slice(6 * 32, 320)
-    model = _compiled_model(FACTORIES[name]())
+    model = compiled_classifier(FACTORIES[name]())
     model.fit(x[first], y[first], batch_size=32, shuffle=False, verbose=0)
     optimizer = model.optimizer
     assert int(optimizer.micro_steps.numpy()) % optimizer.accumulation_steps
@@ -68,13 +59,13 @@ def test_tf_train_checkpoint_manager_restores_mid_cycle(tmp_path):
     import tensorflow as tf
 
     x, y = digits(320)
-    model = _compiled_model(FACTORIES["adam"]())
+    model = compiled_classifier(FACTORIES["adam"]())
     _fit(model, x[:192], y[:192])
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     manager = tf.train.CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
     manager.save()
 
-    restored = _compiled_model(FACTORIES["adam"]())
+    restored = compiled_classifier(FACTORIES["adam"]())
     restored.optimizer.build(restored.trainable_variables)
     target = tf.train.Checkpoint(model=restored, optimizer=restored.optimizer)
     target.restore(manager.latest_checkpoint).assert_existing_objects_matched()
@@ -87,11 +78,11 @@ def test_tf_train_checkpoint_manager_restores_mid_cycle(tmp_path):
 
 def test_save_weights_carries_optimizer_state(tmp_path):
     x, y = digits(320)
-    model = _compiled_model(FACTORIES["sgd"]())
+    model = compiled_classifier(FACTORIES["sgd"]())
     _fit(model, x[:192], y[:192])
     path = tmp_path / "mid_cycle.weights.h5"
     model.save_weights(path)
-    restored = _compiled_model(FACTORIES["sgd"]())
+    restored = compiled_classifier(FACTORIES["sgd"]())
     restored.optimizer.build(restored.trainable_variables)
     restored.load_weights(path)
     for a, b in zip(model.optimizer.variables, restored.optimizer.variables):
@@ -118,11 +109,11 @@ def test_save_weights_carries_optimizer_state(tmp_path):
 )
 def test_state_that_does_not_fit_is_refused(other, message, tmp_path):
     x, y = digits(128)
-    model = _compiled_model(FACTORIES["adam"]())
+    model = compiled_classifier(FACTORIES["adam"]())
     _fit(model, x, y)
     path = tmp_path / "adam.weights.h5"
     model.save_weights(path)
-    target = _compiled_model(other())
+    target = compiled_classifier(other())
     target.optimizer.build(target.trainable_variables)
     if isinstance(target.optimizer, kg.GradientPipelineOptimizer):
         with pytest.raises(ValueError, match=message):
@@ -137,7 +128,7 @@ def test_state_that_does_not_fit_is_refused(other, message, tmp_path):
 
 def test_corrupted_file_raises_instead_of_loading(tmp_path):
     x, y = digits(128)
-    model = _compiled_model(FACTORIES["adam"]())
+    model = compiled_classifier(FACTORIES["adam"]())
     _fit(model, x, y)
     path = tmp_path / "model.keras"
     model.save(path)

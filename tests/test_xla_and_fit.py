@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compiled_classifier
 from helpers import digits
 from helpers import make_variables
 from helpers import random_gradients
@@ -123,7 +124,6 @@ def test_whole_train_step_is_one_xla_module_without_float64(factory):
 @pytest.mark.slow
 def test_fit_with_xla_trains_with_accumulation_noise_and_clipping():
     x, y = digits()
-    model = tiny_classifier()
     optimizer = kg.Adam(
         1e-2,
         accumulation_steps=4,
@@ -132,11 +132,8 @@ def test_fit_with_xla_trains_with_accumulation_noise_and_clipping():
         global_clipnorm=1.0,
         track_gradient_statistics=True,
     )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=True,
+    model = compiled_classifier(
+        optimizer, metrics=["accuracy"], jit_compile=True
     )
     initial_loss = model.evaluate(x, y, verbose=0)[0]
     history = model.fit(x, y, batch_size=32, epochs=6, verbose=0)
