@@ -2,39 +2,23 @@
 
 Every function returns the clipped gradients *and* the factor `c` it applied
 (DESIGN.md §1), because the "micro" second moment of Adam scales the
-within-update variance by `c²` (DESIGN.md §2). The factor is a scalar for the
-norm modes and elementwise for clipping by value.
+within-update variance by `c**2` (DESIGN.md §2). The factor is a scalar for
+the norm modes and elementwise for clipping by value. The norm modes accept
+the tensors' squared norms when the step has already computed them.
 """
 
 from collections.abc import Sequence
 
 from keras import ops
 
+from keras_gradtools.transforms.reductions import square_norms as _square_norms
+from keras_gradtools.transforms.reductions import total
 from keras_gradtools.types import TensorLike
 
-
-def global_norm(tensors: Sequence[TensorLike]) -> TensorLike:
-    """Returns the L2 norm of all `tensors` taken together.
-
-    Args:
-        tensors: A list of tensors.
-
-    Returns:
-        A scalar tensor: `sqrt(sum_i sum(tensors[i] ** 2))`.
-    """
-    squared = [flat_sum(ops.square(t)) for t in tensors]
-    return ops.sqrt(ops.sum(ops.stack(squared)))
+Clipped = tuple[list[TensorLike], list[TensorLike | None]]
 
 
-def flat_sum(tensor: TensorLike) -> TensorLike:
-    """`sum(tensor)` over a 1-D view: XLA on CPU reduces a flat array in one
-    pass but an N-D one through a tree of reduce-windows (measured 2x)."""
-    return ops.sum(ops.reshape(tensor, (-1,)))
-
-
-def clip_by_value(
-    tensors: Sequence[TensorLike], clipvalue: float
-) -> tuple[list[TensorLike], list[TensorLike]]:
+def clip_by_value(tensors: Sequence[TensorLike], clipvalue: float) -> Clipped:
     """Clips every element of every tensor to `[-clipvalue, clipvalue]`."""
     clipped = [ops.clip(t, -clipvalue, clipvalue) for t in tensors]
     factors = [_elementwise_factor(t, c) for t, c in zip(tensors, clipped)]
@@ -42,13 +26,16 @@ def clip_by_value(
 
 
 def clip_by_norm(
-    tensors: Sequence[TensorLike], clipnorm: float
-) -> tuple[list[TensorLike], list[TensorLike]]:
+    tensors: Sequence[TensorLike],
+    clipnorm: float,
+    square_norms: Sequence[TensorLike] | None = None,
+) -> Clipped:
     """Rescales each tensor on its own so that its L2 norm is at most
-    `clipnorm` (the same rule as `tf.clip_by_norm`)."""
+    `clipnorm` (the rule of `tf.clip_by_norm` and Keras's `clipnorm`)."""
+    if square_norms is None:
+        square_norms = _square_norms(tensors)
     clipped, factors = [], []
-    for t in tensors:
-        l2sum = flat_sum(ops.square(t))
+    for t, l2sum in zip(tensors, square_norms):
         nonzero = l2sum > 0
         # Two-sided where: the sqrt of a zero sum never reaches a gradient.
         norm = ops.where(
@@ -61,15 +48,19 @@ def clip_by_norm(
 
 
 def clip_by_global_norm(
-    tensors: Sequence[TensorLike], clipnorm: float
-) -> tuple[list[TensorLike], list[TensorLike]]:
+    tensors: Sequence[TensorLike],
+    clipnorm: float,
+    square_norms: Sequence[TensorLike] | None = None,
+) -> Clipped:
     """Rescales all tensors by one factor so that their global norm is at
-    most `clipnorm` (the same rule as `keras.optimizers` uses).
+    most `clipnorm` (the rule `keras.optimizers` uses).
 
     A non-finite global norm gives a NaN factor, as in Keras, so that a
     non-finite gradient is never silently turned into a finite one.
     """
-    norm = global_norm(tensors)
+    if square_norms is None:
+        square_norms = _square_norms(tensors)
+    norm = ops.sqrt(total(square_norms))
     factor = clipnorm * ops.minimum(1.0 / norm, 1.0 / clipnorm)
     factor = factor + (norm - norm)
     return [ops.multiply(t, factor) for t in tensors], [factor] * len(tensors)
@@ -80,7 +71,8 @@ def clip_gradients(
     clipvalue: float | None = None,
     clipnorm: float | None = None,
     global_clipnorm: float | None = None,
-) -> tuple[list[TensorLike], list[TensorLike | None]]:
+    square_norms: Sequence[TensorLike] | None = None,
+) -> Clipped:
     """Applies at most one clipping mode to a list of gradients.
 
     Args:
@@ -89,6 +81,8 @@ def clip_gradients(
         clipnorm: Optional float. Clip each tensor's L2 norm to this value.
         global_clipnorm: Optional float. Clip the global L2 norm of all
             tensors to this value.
+        square_norms: Optional per-tensor squared L2 norms of `gradients`,
+            if the caller has them (saves a pass over the gradients).
 
     Returns:
         A tuple `(clipped, factors)`. `factors[i]` is the factor that was
@@ -103,12 +97,19 @@ def clip_gradients(
     array([0.6, 0.8], dtype=float32)
     """
     if global_clipnorm is not None:
-        return clip_by_global_norm(gradients, global_clipnorm)
+        return clip_by_global_norm(gradients, global_clipnorm, square_norms)
     if clipnorm is not None:
-        return clip_by_norm(gradients, clipnorm)
+        return clip_by_norm(gradients, clipnorm, square_norms)
     if clipvalue is not None:
         return clip_by_value(gradients, clipvalue)
     return list(gradients), [None] * len(gradients)
+
+
+def needs_square_norms(
+    clipnorm: float | None, global_clipnorm: float | None
+) -> bool:
+    """Whether a clipping mode reads the gradients' squared norms."""
+    return clipnorm is not None or global_clipnorm is not None
 
 
 def _elementwise_factor(original, clipped):

@@ -1,0 +1,56 @@
+"""Row-sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding` on the
+TensorFlow backend), accumulated row by row.
+
+An embedding's gradient touches only the rows of the ids looked up in the
+micro-batch. Scattering it into the sums moves those rows only, where
+densifying it first would write the whole table on every micro-batch. Rows
+repeated within a micro-batch are summed first, so that the sum of squares
+receives the square of each row's gradient. Only the TensorFlow backend
+produces such gradients; TensorFlow is imported when one is met.
+"""
+
+from keras import ops
+
+from keras_gradtools.types import TensorLike
+
+
+def is_sparse(gradient: TensorLike) -> bool:
+    """Whether `gradient` is a `tf.IndexedSlices` (checked by name, so that
+    other backends need not import TensorFlow)."""
+    return type(gradient).__name__ == "IndexedSlices"
+
+
+def deduplicate_rows(
+    values: TensorLike, indices: TensorLike
+) -> tuple[TensorLike, TensorLike]:
+    """Sums the rows of `values` that share an index.
+
+    Args:
+        values: The gradient rows, shape `(rows, ...)`.
+        indices: Their row indices in the variable, shape `(rows,)`.
+
+    Returns:
+        `(summed_values, unique_indices)`.
+    """
+    import tensorflow as tf
+
+    unique, position = tf.unique(indices)
+    summed = ops.segment_sum(values, position, num_segments=tf.size(unique))
+    return summed, unique
+
+
+def values_of(gradient: TensorLike) -> TensorLike:
+    """The dense values of a gradient: the rows of an `IndexedSlices`, or
+    the gradient itself."""
+    return gradient.values if is_sparse(gradient) else gradient
+
+
+def map_values(gradient: TensorLike, fn) -> TensorLike:
+    """`fn(gradient)`, or `fn` applied to the rows of an `IndexedSlices`."""
+    if not is_sparse(gradient):
+        return fn(gradient)
+    import tensorflow as tf
+
+    return tf.IndexedSlices(
+        fn(gradient.values), gradient.indices, gradient.dense_shape
+    )
