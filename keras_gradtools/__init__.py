@@ -1,16 +1,20 @@
 """keras_gradtools: gradient accumulation, annealed noise, clipping and
-gradient-variance monitoring for Keras 3 optimizers."""
+gradient-variance monitoring for Keras 3 optimizers, on TensorFlow and JAX.
+"""
 
-from keras_gradtools.callbacks import GradientVarianceMonitor
-from keras_gradtools.optimizers import SGD
-from keras_gradtools.optimizers import Adam
-from keras_gradtools.optimizers import AdamW
-from keras_gradtools.optimizers import GradientPipelineOptimizer
-from keras_gradtools.optimizers import GradientPipelineWrapper
-from keras_gradtools.optimizers import wrap
-from keras_gradtools.plotting import plot_gradient_statistics
+from keras_gradtools.backends import check_supported as _check_supported
+from keras_gradtools.version import __version__
 
-__version__ = "0.1.0"
+_check_supported()
+
+from keras_gradtools.callbacks import GradientVarianceMonitor  # noqa: E402
+from keras_gradtools.optimizers import SGD  # noqa: E402
+from keras_gradtools.optimizers import Adam  # noqa: E402
+from keras_gradtools.optimizers import AdamW  # noqa: E402
+from keras_gradtools.optimizers import GradientPipelineOptimizer  # noqa: E402
+from keras_gradtools.optimizers import GradientPipelineWrapper  # noqa: E402
+from keras_gradtools.optimizers import wrap  # noqa: E402
+from keras_gradtools.plotting import plot_gradient_statistics  # noqa: E402
 
 __all__ = [
     "Adam",

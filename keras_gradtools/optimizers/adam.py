@@ -67,7 +67,7 @@ class Adam(GradientPipelineOptimizer):
         epsilon: float = 1e-7,
         amsgrad: bool = False,
         second_moment: SecondMoment = "micro",
-        name: str = "adam",
+        name: str | None = None,
         **kwargs: Any,
     ) -> None:
         beta_1 = validation.check_float("beta_1", beta_1, 0, 1, open_max=True)
@@ -85,14 +85,7 @@ class Adam(GradientPipelineOptimizer):
 
     @property
     def _reads_micro_variance(self):
-        return self.second_moment == "micro" and self.accumulation_steps > 1
-
-    @property
-    def _second_moment_decay(self):
-        """beta_2 per update: beta_2**K in "micro" mode, else beta_2."""
-        if self._reads_micro_variance:
-            return self.beta_2**self.accumulation_steps
-        return self.beta_2
+        return self.second_moment == "micro" and self.max_accumulation_steps > 1
 
     def _layout_settings(self):
         settings = super()._layout_settings()
@@ -117,13 +110,28 @@ class Adam(GradientPipelineOptimizer):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
-        beta_2 = self._second_moment_decay
+        if self._reads_micro_variance:
+            # The cycle's K micro-batches advance v by K steps; over all
+            # updates so far, by every micro-batch seen (K may change).
+            beta_2 = ops.power(
+                ops.cast(self.beta_2, dtype),
+                ops.cast(self._accumulator.current_cycle_steps(), dtype),
+            )
+            second_moment_steps = ops.cast(
+                self._accumulator.micro_steps + 1, dtype
+            )
+        else:
+            # A Python float, as in Keras: `1 - beta_2` then rounds once.
+            beta_2 = self.beta_2
+            second_moment_steps = ops.cast(self.iterations + 1, dtype)
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
-        beta_2_power = ops.power(ops.cast(beta_2, dtype), local_step)
+        beta_2_power = ops.power(
+            ops.cast(self.beta_2, dtype), second_moment_steps
+        )
         alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
 
-        index = self._get_variable_index(variable)
+        index = self._variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
         if micro_batch_variance is None:

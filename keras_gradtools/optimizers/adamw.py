@@ -42,7 +42,7 @@ class AdamW(Adam):
         epsilon: float = 1e-7,
         amsgrad: bool = False,
         second_moment: SecondMoment = "micro",
-        name: str = "adamw",
+        name: str | None = None,
         **kwargs: Any,
     ) -> None:
         if weight_decay is None:

@@ -1,27 +1,15 @@
-"""The base class that owns the gradient pipeline.
+"""The base class of the package's optimizers.
 
-One call to `apply` consumes the gradient of one micro-batch. With
-`K = accumulation_steps`, a gradient takes this path (DESIGN.md §1):
+A `GradientPipelineOptimizer` is a `keras.optimizers.Optimizer` whose
+`apply` runs the gradient pipeline (accumulation, clipping, noise,
+statistics) around its update rule. It holds the pipeline's parts by
+composition:
 
-    apply(grads)
-      _prepare_gradients      check, filter `None`, unscale, densify
-      [clip each micro-batch] only with `clip_micro_batches=True`
-      finite check            a non-finite micro-batch is not accumulated
-      K == 1:  _update(grads)
-      K >  1:  _accumulate    G += g, S += g*g  (local, no other bytes move)
-               run_if(last micro-batch of the cycle, _finish_cycle)
-                 _update(G / n, S / n)  then  G, S, n = 0
-
-Under a `tf.distribute` strategy the same steps run split between replica
-and cross-replica context (`distribution.py`): accumulation stays local to
-each replica, and `_update` runs once, on the sum over replicas.
-
-    _update(mean gradients)
-      statistics              from G and S, where the update reads them
-      clip                    value, per-tensor norm or global norm
-      noise                   + sigma_t * N(0, I), one draw per update
-      rule                    weight decay, `update_step`, EMA
-      iterations += 1
+- `GradientAccumulator` (`accumulator.py`): ΣG, Σg², Σ|g|², the counters;
+- `GradientStatistics` (`statistics.py`): the statistics' state;
+- `CycleDriver` (`cycle.py`): one micro-batch through the pipeline;
+- the backend module (`keras_gradtools.backends`): how it branches and is
+  compiled on TensorFlow or JAX, and `tf.distribute` where present.
 
 Subclasses implement the update rule in `update_step` exactly as Keras
 optimizers do, writing through `self.assign*` so that a skipped update
@@ -39,46 +27,31 @@ from keras import initializers
 from keras import ops
 from keras import optimizers
 
+from keras_gradtools import backends
 from keras_gradtools import transforms
-from keras_gradtools.optimizers import distribution
-from keras_gradtools.optimizers import gradient_checks
-from keras_gradtools.optimizers import state
+from keras_gradtools.backends import common
+from keras_gradtools.backends import private_api
+from keras_gradtools.optimizers import layout
 from keras_gradtools.optimizers import validation
-from keras_gradtools.optimizers.control_flow import run_if
-from keras_gradtools.optimizers.distribution import CrossReplicaPipelineMixin
+from keras_gradtools.optimizers.accumulator import GradientAccumulator
+from keras_gradtools.optimizers.cycle import CycleDriver
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
-from keras_gradtools.optimizers.statistics import STATISTICS
-from keras_gradtools.optimizers.statistics import GradientStatisticsMixin
+from keras_gradtools.optimizers.statistics import GradientStatistics
+from keras_gradtools.transforms import sparse
 from keras_gradtools.types import LearningRate
 from keras_gradtools.types import NonfinitePolicy
 from keras_gradtools.types import TensorLike
 
-# Saved state is ordered by role, whatever the order the variables were
-# created in (statistics can be switched on after the optimizer was built).
-_ROLE_ORDER = (
-    "micro_steps",
-    "skipped_micro_batches",
-    "cycle_micro_batches",
-    "gradient_sum",
-    "square_sum",
-    "cycle_replicas",
-    "noise_seed",
-    "statistic",
-    "running_statistic",
-)
 SECOND_MOMENT_MODES = ("micro", "macro")
 NONFINITE_POLICIES = ("skip", "apply", "raise")
 
 
-class GradientPipelineOptimizer(
-    GradientStatisticsMixin, CrossReplicaPipelineMixin, optimizers.Optimizer
-):
+class GradientPipelineOptimizer(optimizers.Optimizer):
     """Base class for optimizers that accumulate, clip and add noise.
 
     A subclass overrides `build` (to create its slots, after calling
     `super().build`), `update_step` and `get_config`, as for any Keras
-    optimizer. This class owns everything around the update rule: the
-    accumulators, the counters, clipping, noise and statistics.
+    optimizer. This class owns everything around the update rule.
 
     Args:
         learning_rate: A float, a
@@ -102,11 +75,17 @@ class GradientPipelineOptimizer(
         on_nonfinite: NonfinitePolicy = "skip",
         track_gradient_statistics: bool = False,
         jit_compile: bool = True,
+        max_accumulation_steps: int | None = None,
+        sync_micro_batches: bool = False,
         gradient_accumulation_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
-        accumulation_steps = validation.resolve_accumulation_steps(
+        backends.check_supported()
+        steps = validation.resolve_accumulation_steps(
             accumulation_steps, gradient_accumulation_steps
+        )
+        max_steps = validation.resolve_max_accumulation_steps(
+            max_accumulation_steps, steps
         )
         learning_rate = validation.check_learning_rate(learning_rate)
         noise_eta = validation.check_float("noise_eta", noise_eta, minimum=0)
@@ -129,20 +108,120 @@ class GradientPipelineOptimizer(
             kwargs["ema_momentum"] = validation.check_float(
                 "ema_momentum", kwargs.get("ema_momentum", 0.99), 0, 1
             )
+        if kwargs.get("loss_scale_factor") is not None:
+            kwargs["loss_scale_factor"] = validation.check_float(
+                "loss_scale_factor",
+                kwargs["loss_scale_factor"],
+                minimum=0,
+                open_min=True,
+            )
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.accumulation_steps = accumulation_steps
+        self._initial_accumulation_steps = steps
+        self.max_accumulation_steps = max_steps
         self.noise_eta = noise_eta
         self.noise_gamma = noise_gamma
         if noise_seed is None:
             noise_seed = random.randrange(2**31 - 1)
         self.noise_seed = noise_seed
         self.clip_micro_batches = bool(clip_micro_batches)
+        self.sync_micro_batches = bool(sync_micro_batches)
         self.on_nonfinite = on_nonfinite
         self.track_gradient_statistics = bool(track_gradient_statistics)
         self.jit_compile = bool(jit_compile)
+        # Plain attributes, not tracked state (object.__setattr__ bypasses
+        # Keras's tracker).
+        object.__setattr__(self, "_backend", backends.current())
+        object.__setattr__(self, "_cycle", CycleDriver(self))
         object.__setattr__(self, "_update_gate", None)
-        object.__setattr__(self, "_xla_apply", None)
         object.__setattr__(self, "_strategy", None)
+        object.__setattr__(self, "_roles", {})
+        object.__setattr__(self, "_pending_state", None)
+        object.__setattr__(self, "_accumulator", None)
+        object.__setattr__(self, "_statistics", None)
+        # State restored before `build` (a pickled or deep-copied optimizer)
+        # is applied when the subclass's `build` has made every slot.
+        build_variables = self.build
+
+        def build(variables):
+            build_variables(variables)
+            self._apply_pending_state()
+
+        build.__doc__ = build_variables.__doc__
+        object.__setattr__(self, "build", build)
+
+    # ------------------------------------------------------------------
+    # Counters and settings.
+
+    @property
+    def iterations(self) -> keras.Variable:
+        """The number of updates applied (not of micro-batches)."""
+        return self._iterations
+
+    @property
+    def accumulation_steps(self) -> int:
+        """K, the micro-batches per update, as a Python int.
+
+        Settable during training (up to `max_accumulation_steps`, without
+        retracing the step): the new K takes effect when the next cycle
+        starts. On JAX inside `fit`, call `model.jax_state_sync()` before
+        setting it from a callback's batch hook.
+        """
+        if self._accumulator is None or not self._accumulator.accumulates:
+            return self._initial_accumulation_steps
+        return int(ops.convert_to_numpy(self._accumulator.steps))
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, steps: int) -> None:
+        steps = validation.check_int(
+            "accumulation_steps", steps, 1, self.max_accumulation_steps
+        )
+        self._initial_accumulation_steps = steps
+        if self._accumulator is not None and self._accumulator.accumulates:
+            self._accumulator.steps.assign(steps)
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Keras's name for `accumulation_steps` (readable and settable)."""
+        return self.accumulation_steps
+
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, steps: int | None) -> None:
+        if steps is None:
+            # Keras's own __init__ sets its attribute to None; K was set
+            # from our arguments.
+            return
+        self.accumulation_steps = steps
+
+    @property
+    def micro_steps(self) -> keras.Variable:
+        """Micro-batches seen (calls to `apply`), including skipped ones."""
+        self._require_built("micro_steps")
+        return self._accumulator.micro_steps
+
+    @property
+    def skipped_micro_batches(self) -> keras.Variable:
+        """Micro-batches left out because their gradient was not finite.
+
+        Under a strategy, each replica counts its own share of a micro-batch
+        (the value read is the sum over replicas).
+        """
+        self._require_built("skipped_micro_batches")
+        return self._accumulator.skipped_micro_batches
+
+    @property
+    def noise_std(self) -> float:
+        """The standard deviation of the noise the next update adds:
+        `sqrt(noise_eta / (1 + t)**noise_gamma)`, t = updates applied."""
+        if self.noise_eta == 0:
+            return 0.0
+        return float(self._noise_std_at(self._iterations))
+
+    def _require_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"`{what}` needs a built optimizer: call `apply` (or "
+                "`model.fit`) or `build(variables)` first."
+            )
 
     # ------------------------------------------------------------------
     # What this configuration needs (decides which slots exist).
@@ -155,22 +234,20 @@ class GradientPipelineOptimizer(
 
     @property
     def _keeps_square_sums(self):
-        return self.accumulation_steps > 1 and (
-            self._reads_micro_variance or self.track_gradient_statistics
-        )
+        return self.max_accumulation_steps > 1 and self._reads_micro_variance
 
     # ------------------------------------------------------------------
     # State.
 
-    def build(self, variables):
-        """Creates the pipeline's state for `variables`.
+    def build(self, variables: Sequence[keras.Variable]) -> None:
+        """Creates the optimizer's state for `variables`.
 
-        Per variable: the gradient sum `G` when `accumulation_steps > 1`, and
-        the sum of squares `S` only where it is read. Scalars: the
-        micro-batch counter, the count of skipped micro-batches, the
-        micro-batches accumulated in the current cycle, the noise seed (when
-        noise is on) and the statistics of the last update. Accumulators
-        are float32 whatever the variables' dtype.
+        Per variable: the gradient sum `G` when `max_accumulation_steps >
+        1`, and the sum of squares `S` only where the update reads it.
+        Scalars: the counters, the noise seed (when noise is on) and, with
+        `track_gradient_statistics`, the statistics and the per-variable
+        sums of squared norms they need. Accumulators are float32 whatever
+        the variables' dtype.
 
         Under a `tf.distribute` strategy, build inside `strategy.scope()`:
         the accumulators and the counters they need become per-replica
@@ -178,144 +255,180 @@ class GradientPipelineOptimizer(
         """
         if self.built:
             return
-        if distribution.in_replica_context_of_strategy():
-            raise ValueError(
-                "Build the optimizer before `strategy.run`, inside "
-                "`strategy.scope()`: call "
-                "`optimizer.build(model.trainable_variables)` there (or use "
-                "`model.compile` and `model.fit`, which do it)."
+        variables = list(variables)
+        object.__setattr__(self, "_strategy", self._backend_strategy())
+        private_api.register_trainable_variables(self, variables)
+        if self.use_ema:
+            self._model_variables_moving_average = self.add_optimizer_variables(
+                variables, "average"
             )
-        object.__setattr__(self, "_strategy", distribution.active_strategy())
-        super().build(variables)
-        object.__setattr__(self, "_variable_roles", {})
-        self._micro_steps = self._add_counter("micro_steps", "int")
-        self._skipped_micro_batches = self._add_local_counter(
-            "skipped_micro_batches"
+        object.__setattr__(
+            self,
+            "_overwrite_flags",
+            [private_api.overwrites_with_gradient(self, v) for v in variables],
         )
-        self._gradient_sums = []
-        self._square_sums = []
-        if self.accumulation_steps > 1:
-            # Counts global micro-batches in units of 1 / COUNT_UNIT, so
-            # that it means the same on any number of replicas.
-            self._cycle_micro_batches = self._add_local_counter(
-                "cycle_micro_batches"
-            )
-            self._gradient_sums = self._add_accumulators(
-                variables, "gradient_sum"
-            )
-            if self._keeps_square_sums:
-                self._add_square_sums(variables)
+        object.__setattr__(
+            self,
+            "_accumulator",
+            GradientAccumulator(
+                self,
+                variables,
+                max_steps=self.max_accumulation_steps,
+                steps=self._initial_accumulation_steps,
+                square_sums=self._keeps_square_sums,
+                square_norm_sums=self.track_gradient_statistics,
+            ),
+        )
         if self.noise_eta > 0:
-            self._noise_seed = self._add_scalar(
-                "noise_seed", "int32", self.noise_seed, "noise_seed"
+            self._noise_seed_variable = self._add_state(
+                "noise_seed", dtype="int32", initial=self.noise_seed
             )
-        # Unmeasured statistics read NaN; without noise, noise_std is 0.
-        initial = {name: float("nan") for name in STATISTICS}
-        if self.noise_eta == 0:
-            initial["noise_std"] = 0.0
-        self._statistics = {
-            name: self._add_scalar(
-                f"statistic_{name}", "float32", initial[name], "statistic"
-            )
-            for name in STATISTICS
-        }
-        self._running_statistics = {}
         if self.track_gradient_statistics:
-            self._add_running_statistics()
+            object.__setattr__(
+                self, "_statistics", GradientStatistics(self, len(variables))
+            )
+        self.built = True
 
-    def _add_counter(self, name, dtype):
-        return self._add_scalar(name, dtype, 0, name)
+    def _backend_strategy(self):
+        """The `tf.distribute` strategy in scope at build time, or `None`."""
+        if backend.backend() != "tensorflow":
+            return None
+        from keras_gradtools.backends import tf_distribute
 
-    def _add_local_counter(self, name):
-        """An int64 counter that each replica adds to on its own."""
-        if self._strategy is None:
-            return self._add_counter(name, "int")
-        variable = distribution.add_local_variable(
-            self, self._strategy, (), "int64", name, reference=None
-        )
-        self._variable_roles[id(variable)] = name
-        return variable
+        return tf_distribute.strategy_for_build(self)
 
-    def _add_scalar(self, name, dtype, value, role, shape=()):
-        variable = self.add_variable(
-            shape=shape,
-            initializer=initializers.Constant(value),
-            dtype=dtype,
-            aggregation="only_first_replica",
-            name=name,
-        )
-        self._variable_roles[id(variable)] = role
+    def _add_state(
+        self,
+        name,
+        role=None,
+        shape=(),
+        dtype="float32",
+        initial=0,
+        local=False,
+        reference=None,
+        keep_dtype=False,
+    ):
+        """Creates one variable of the pipeline's state.
+
+        Args:
+            name: Its name (prefixed with the reference's path if any).
+            role: Its place in the saved layout (`layout.ROLE_ORDER`);
+                defaults to `name`.
+            shape: Its shape (the reference's, if one is given).
+            dtype: Its dtype (`"int"`: Keras's default integer).
+            initial: Its initial value.
+            local: Whether each replica keeps its own copy under a strategy
+                (SyncOnRead, SUM): the accumulators.
+            reference: A model variable it shadows (shape, placement,
+                layout), or `None`.
+            keep_dtype: Take the reference's dtype instead of `dtype`.
+        """
+        if reference is not None:
+            shape = reference.shape
+            if keep_dtype:
+                dtype = reference.dtype
+            path = common.variable_path(reference)
+            name = f"{path.replace('/', '_').replace(':', '_')}_{name}"
+        if local and self._strategy is not None:
+            from keras_gradtools.backends import tf_distribute
+
+            variable = tf_distribute.add_local_variable(
+                self, self._strategy, shape, dtype, name, reference
+            )
+        elif reference is not None:
+            variable = self.add_variable(
+                shape=shape,
+                dtype=dtype,
+                name=name,
+                layout=private_api.variable_layout(reference),
+            )
+        else:
+            variable = self.add_variable(
+                shape=shape,
+                initializer=initializers.Constant(initial),
+                dtype=dtype,
+                aggregation="only_first_replica",
+                name=name,
+            )
+        self._roles[id(variable)] = role or name
         return variable
 
     @property
-    def variables(self):
+    def variables(self) -> list[keras.Variable]:
         """All optimizer variables: Keras's and the rule's in creation order,
-        then the pipeline's in a fixed order of roles (the saved layout)."""
-        roles = getattr(self, "_variable_roles", {})
-        rank = {role: i + 1 for i, role in enumerate(_ROLE_ORDER)}
+        then the pipeline's in a fixed order of roles. This one order is
+        used by `get_weights`, `set_weights`, saving and `stateless_apply`,
+        whenever each part was created."""
+        roles = self._roles
         order = sorted(
-            enumerate(self._variables),
-            key=lambda item: (rank.get(roles.get(id(item[1])), 0), item[0]),
+            enumerate(private_api.tracked_variables(self)),
+            key=lambda item: (
+                layout.role_rank(roles.get(id(item[1]))),
+                item[0],
+            ),
         )
         return [variable for _, variable in order]
 
-    def _add_accumulators(self, variables, name):
-        accumulators = []
-        for variable in variables:
-            accumulators.append(self._add_accumulator(variable, name))
-            if accumulators[-1] is not None:
-                self._variable_roles[id(accumulators[-1])] = name
-        return accumulators
+    def _state_variables(self):
+        """Every variable an update reads or writes: the optimizer's and the
+        model's (JAX threads them through its branch)."""
+        return self.variables + list(private_api.trainable_variables(self))
 
-    def _add_square_sums(self, variables):
-        """The sums of squares, and the number of replicas whose gradients
-        were their samples in the current cycle: sums written by different
-        numbers of replicas cannot be combined (see `_finish_cycle`)."""
-        self._square_sums = self._add_accumulators(variables, "square_sum")
-        self._cycle_replicas = self._add_scalar(
-            "cycle_replicas", "int", 1, "cycle_replicas"
-        )
+    def _variable_index(self, variable):
+        return private_api.variable_index(self, variable)
 
-    def _record_cycle_replicas(self, first):
-        if self._square_sums:
-            self._cycle_replicas.assign(
-                ops.where(first, self._sample_replicas, self._cycle_replicas)
-            )
-
-    def _add_accumulator(self, variable, name):
-        if self._overwrite_variable_with_gradient(variable):
-            return None
-        path = getattr(variable, "path", variable.name)
-        if self._strategy is not None:
-            return distribution.add_local_variable(
-                self,
-                self._strategy,
-                variable.shape,
-                "float32",
-                f"{path.replace('/', '_')}_{name}",
-                reference=variable,
-            )
-        if backend.standardize_dtype(variable.dtype) == "float32":
-            return self.add_variable_from_reference(variable, name=name)
-        return self.add_variable(
-            shape=variable.shape,
-            dtype="float32",
-            name=f"{path.replace('/', '_')}_{name}",
-        )
+    def _trainable_variable(self, index):
+        return private_api.trainable_variables(self)[index]
 
     @property
-    def micro_steps(self):
-        """Micro-batches seen (calls to `apply`), including skipped ones."""
-        return self._micro_steps
+    def _iterations_variable(self):
+        return private_api.iterations_variable(self)
+
+    def _overwrites_with_gradient(self, variable):
+        return private_api.overwrites_with_gradient(self, variable)
+
+    def _overwrites_with_gradient_at(self, index):
+        return self._overwrite_flags[index]
 
     @property
-    def skipped_micro_batches(self):
-        """Micro-batches left out because their gradient was not finite.
+    def _overwritten_indices(self):
+        return [i for i, flag in enumerate(self._overwrite_flags) if flag]
 
-        Under a strategy, each replica counts its own share of a micro-batch
-        (the value read is the sum over replicas).
+    def get_weights(self) -> list:
+        """The values of `variables`, as NumPy arrays."""
+        return [ops.convert_to_numpy(v) for v in self.variables]
+
+    def set_weights(self, weights: Sequence) -> None:
+        """Sets `variables` from a list of arrays in the same order.
+
+        Raises:
+            ValueError: if the optimizer is not built, or the number or
+                shapes of the arrays do not match `variables`.
         """
-        return self._skipped_micro_batches
+        if not self.built:
+            raise ValueError(
+                "`set_weights()` needs a built optimizer: call "
+                "`optimizer.build(trainable_variables)` first."
+            )
+        variables = self.variables
+        weights = list(weights)
+        if len(weights) != len(variables):
+            raise ValueError(
+                f"`set_weights()` received {len(weights)} arrays; this "
+                f"optimizer has {len(variables)} variables (see "
+                "`optimizer.variables` for their order)."
+            )
+        for variable, weight in zip(variables, weights):
+            shape = tuple(getattr(weight, "shape", ()))
+            if tuple(variable.shape) != shape:
+                raise ValueError(
+                    f"Optimizer variable {common.variable_path(variable)} has "
+                    "shape "
+                    f"{tuple(variable.shape)}, not compatible with the "
+                    f"provided weight of shape {shape}."
+                )
+        for variable, weight in zip(variables, weights):
+            variable.assign(weight)
 
     # ------------------------------------------------------------------
     # Entry point.
@@ -340,16 +453,11 @@ class GradientPipelineOptimizer(
         grads, variables = self._prepare_gradients(grads, trainable_variables)
         guard = contextlib.nullcontext()
         if self.on_nonfinite == "raise":
-            guard = gradient_checks.raise_if_nonfinite(
-                grads, variables, self._micro_steps.value
+            guard = self._backend.nonfinite_guard(
+                grads, variables, self._accumulator.micro_steps.value
             )
-        with guard:
-            if distribution.in_replica_context_of_strategy():
-                self._apply_across_replicas(grads, variables)
-            elif self.jit_compile and gradient_checks.executing_eagerly():
-                self._apply_compiled(grads, variables)
-            else:
-                self._apply_pipeline(grads, variables)
+        with guard, keras.name_scope(self.name, caller=self):
+            self._backend.apply(self, grads, variables)
         return self._iterations
 
     def _prepare_gradients(self, grads, trainable_variables):
@@ -361,7 +469,7 @@ class GradientPipelineOptimizer(
                     "optimizer: pass the variables on the first call or call "
                     "`optimizer.build(variables)`."
                 )
-            variables = list(self._trainable_variables)
+            variables = list(private_api.trainable_variables(self))
         else:
             variables = list(trainable_variables)
         if len(grads) != len(variables):
@@ -373,115 +481,30 @@ class GradientPipelineOptimizer(
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(variables)
-        self._check_variables_are_known(variables)
-        grads, variables = self._filter_empty_gradients(grads, variables)
-        grads, variables = self._overwrite_variables_directly_with_gradients(
-            grads, variables
+        private_api.check_variables_are_known(self, variables)
+        grads, variables = private_api.filter_empty_gradients(
+            self, grads, variables
         )
-        if not self._accumulates_sparse_rows:
-            grads = [gradient_checks.dense(g) for g in grads]
+        rows = self._accumulates_sparse_rows
+        prepared = []
         for grad, variable in zip(grads, variables):
-            gradient_checks.check_gradient_matches(grad, variable)
-        if self.loss_scale_factor is not None:
-            grads = [
-                _map_gradient(g, lambda x: x / self.loss_scale_factor)
-                for g in grads
-            ]
-        return grads, variables
-
-    def _apply_compiled(self, grads, variables):
-        if self._xla_apply is None:
-            import tensorflow as tf
-
-            object.__setattr__(
-                self,
-                "_xla_apply",
-                tf.function(self._apply_by_index, jit_compile=True),
-            )
-        indices = tuple(self._get_variable_index(v) for v in variables)
-        self._xla_apply(tuple(grads), indices)
-
-    def _apply_by_index(self, grads, indices):
-        variables = [self._trainable_variables[i] for i in indices]
-        self._apply_pipeline(list(grads), variables)
-
-    # ------------------------------------------------------------------
-    # The pipeline.
-
-    def _apply_pipeline(self, grads, variables):
-        with keras.name_scope(self.name, caller=self):
-            grads = [
-                _map_gradient(g, lambda x: ops.cast(x, "float32"))
-                for g in grads
-            ]
-            if self.clip_micro_batches:
-                grads, _ = self._clip(grads)
-            finite = self._check_finite(grads)
-            if self.accumulation_steps == 1:
-                self._update(grads, variables, None, 1.0, gate=finite)
-            else:
-                position = ops.mod(self._micro_steps, self.accumulation_steps)
-                first = ops.equal(position, 0)
-                self._accumulate(grads, variables, finite, first)
-                self._record_cycle_replicas(first)
-                run_if(
-                    ops.equal(position, self.accumulation_steps - 1),
-                    lambda: self._finish_cycle(variables),
+            if not (rows and sparse.is_sparse(grad)):
+                grad = self._backend.densify(grad)
+            _check_gradient_matches(grad, variable)
+            index = self._variable_index(variable)
+            if (
+                self.loss_scale_factor is not None
+                and not (self._overwrite_flags[index])
+            ):
+                # Variables overwritten with their gradient take it as it
+                # is, before unscaling (as in Keras).
+                grad = sparse.map_values(
+                    grad, lambda g: g / self.loss_scale_factor
                 )
-            self._micro_steps.assign_add(1)
-
-    def _check_finite(self, grads, counted=None):
-        """With `on_nonfinite="skip"`: whether `grads` are finite, counting
-        a non-finite micro-batch as skipped (only where `counted` holds, if
-        given). Otherwise `None`: nothing is checked."""
-        if self.on_nonfinite != "skip":
-            return None
-        finite = gradient_checks.all_finite(grads)
-        skipped = ops.logical_not(finite)
-        if counted is not None:
-            skipped = ops.logical_and(skipped, counted)
-        self._skipped_micro_batches.assign_add(ops.cast(skipped, "int64"))
-        return finite
-
-    def _accumulate(
-        self, grads, variables, finite, first, count=distribution.COUNT_UNIT
-    ):
-        """Adds one micro-batch to the sums; the first micro-batch of a
-        cycle overwrites them instead, so the update never has to zero
-        them (zeroing inside the update costs a copy and a write).
-
-        `count` is what this micro-batch adds to the cycle counter: a whole
-        `COUNT_UNIT`, or one replica's share of it."""
-        for grad, variable in zip(grads, variables):
-            index = self._get_variable_index(variable)
-            if gradient_checks.is_sparse(grad):
-                self._accumulate_rows(index, grad, finite, first)
-                continue
-            _restart_or_add(self._gradient_sums[index], grad, finite, first)
-            if self._square_sums:
-                _restart_or_add(
-                    self._square_sums[index], ops.square(grad), finite, first
-                )
-        _restart_or_add(
-            self._cycle_micro_batches,
-            ops.full((), count, "int64"),
-            finite,
-            first,
-        )
-        present = {self._get_variable_index(v) for v in variables}
-        absent = [
-            accumulator
-            for i, accumulator in enumerate(
-                self._gradient_sums + self._square_sums
-            )
-            if accumulator is not None
-            and i % len(self._trainable_variables) not in present
-        ]
-        if absent:
-            # A variable without a gradient here (None, or frozen for this
-            # fit) must still start the cycle from zero, or stale sums would
-            # return when it gets gradients again.
-            run_if(first, lambda: _zero(absent))
+            if sparse.is_sparse(grad):
+                grad = self._backend.deduplicate(grad)
+            prepared.append(grad)
+        return prepared, variables
 
     @property
     def _accumulates_sparse_rows(self):
@@ -489,182 +512,65 @@ class GradientPipelineOptimizer(
         by row (clipping each micro-batch needs them dense)."""
         return (
             backend.backend() == "tensorflow"
-            and self.accumulation_steps > 1
+            and self.max_accumulation_steps > 1
             and not self.clip_micro_batches
             and self._strategy is None
         )
 
-    def _accumulate_rows(self, index, grad, finite, first):
-        from keras_gradtools.optimizers import sparse
+    # ------------------------------------------------------------------
+    # Pieces of the update (called by the cycle driver).
 
-        grad = sparse.deduplicate(grad)
-        sparse.restart_or_scatter_add(
-            self._gradient_sums[index], grad.values, grad.indices, finite, first
-        )
-        if self._square_sums:
-            sparse.restart_or_scatter_add(
-                self._square_sums[index],
-                ops.square(grad.values),
-                grad.indices,
-                finite,
-                first,
-            )
-
-    def _finish_cycle(self, variables, sample_replicas=1):
-        """The update at the end of a cycle, from the accumulated sums.
-
-        Under a strategy this runs in cross-replica context, where reading
-        a sum adds up the replicas' copies. `sample_replicas` is R when
-        each replica's gradients are separate samples, at the local batch
-        size: a sample is then h = R * g_r, and its mean square
-        R**2 * S / (R * n) = R * S / n.
-        """
-        count = distribution.counted_micro_batches(self._cycle_micro_batches)
-        indices = [self._get_variable_index(v) for v in variables]
-        # Multiplying by a reciprocal rather than dividing: XLA treats a
-        # division as expensive and materialises its result once for the
-        # two moments that read it (an extra write and read of every
-        # parameter); a product fuses into each reader.
-        reciprocal = 1.0 / count
-        means = [
-            ops.multiply(self._gradient_sums[i], reciprocal) for i in indices
-        ]
-        mean_squares = None
-        if self._square_sums:
-            square_scale = reciprocal * sample_replicas
-            mean_squares = [
-                ops.multiply(self._square_sums[i], square_scale)
-                for i in indices
-            ]
-            mean_squares = self._check_cycle_replicas(mean_squares, means)
-        gate = count > 0 if self.on_nonfinite == "skip" else None
-        self._update(
-            means,
-            variables,
-            mean_squares,
-            count,
-            gate=gate,
-            sample_replicas=sample_replicas,
-        )
-        # This write also keeps everything derived from the count
-        # loop-variant: were the loop body to write no accumulator, XLA
-        # would hoist the means out of run_if's loop and compute them on
-        # every micro-batch.
-        self._cycle_micro_batches.assign(ops.zeros((), "int64"))
-
-    def _check_cycle_replicas(self, mean_squares, means):
-        """Sums of squares begun on a different number of replicas (a
-        checkpoint restored mid-cycle onto another strategy) mix samples of
-        two batch sizes: no variance can be formed from them. A graph fails
-        with that message. XLA drops assertions: there, that one update
-        takes the variance as zero (W = 0, the "macro" second moment)."""
-        consistent = ops.equal(self._cycle_replicas, self._sample_replicas)
-        if gradient_checks.executing_eagerly() or (
-            gradient_checks.in_xla_context()
-        ):
-            return [
-                ops.where(consistent, q, ops.square(g))
-                for q, g in zip(mean_squares, means)
-            ]
-        import tensorflow as tf
-
-        check = tf.debugging.Assert(
-            consistent,
-            [
-                "The accumulation cycle was begun on a different number of "
-                "replicas (a checkpoint restored in the middle of a cycle "
-                "onto another strategy); its sums of squares cannot be "
-                "combined. Restore at a cycle boundary or onto the same "
-                "number of replicas. Replicas then, now:",
-                self._cycle_replicas,
-                self._sample_replicas,
-            ],
-        )
-        with tf.control_dependencies([check]):
-            return [ops.copy(q) for q in mean_squares]
-
-    def _update(
-        self, means, variables, mean_squares, count, gate, sample_replicas=1
-    ):
-        """One optimizer update from the cycle's mean gradients.
-
-        `mean_squares` are the mean squares of `count * sample_replicas`
-        gradient samples, each at 1 / `sample_replicas` of the micro-batch
-        size; variances are reported at the micro-batch size.
-        """
-        variances = None
-        if mean_squares is not None and self.accumulation_steps > 1:
-            variances = [
-                transforms.micro_batch_variance(q, g) / sample_replicas
-                for q, g in zip(mean_squares, means)
-            ]
-        statistics = None
-        if self.track_gradient_statistics:
-            statistics = self._measure(
-                means, variables, mean_squares, count, sample_replicas
-            )
-        if self.clip_micro_batches:
-            clipped, factors = means, [None] * len(means)
-        else:
-            clipped, factors = self._clip(means)
-        sigma = None
-        if self.noise_eta > 0:
-            sigma = transforms.noise_std(
-                self.noise_eta, self.noise_gamma, self._iterations
-            )
-            clipped = self._add_noise(clipped, variables, sigma)
-        micro_variances = [None] * len(means)
-        if self._reads_micro_variance and variances is not None:
-            micro_variances = [
-                w if c is None else ops.multiply(ops.square(c), w)
-                for w, c in zip(variances, factors)
-            ]
-
-        def write_update():
-            self._apply_rule(clipped, variables, micro_variances)
-            self._record_statistics(statistics, sigma)
-            self.assign_add(self._iterations, 1)
-
-        self._run_gated(gate, write_update)
-
-    def _clip(self, grads):
+    def _clip(self, grads, square_norms=None):
         return transforms.clip_gradients(
             grads,
             clipvalue=self.clipvalue,
             clipnorm=self.clipnorm,
             global_clipnorm=self.global_clipnorm,
+            square_norms=square_norms,
         )
 
-    def _add_noise(self, grads, variables, sigma):
-        seed = self._noise_seed.value
-        noisy = []
-        for grad, variable in zip(grads, variables):
-            noise = transforms.gaussian_noise_like(
-                grad, seed, self._get_variable_index(variable), self._iterations
+    def _noise_std_at(self, step):
+        return transforms.noise_std(self.noise_eta, self.noise_gamma, step)
+
+    def _add_noise(self, grads, indices, sigma):
+        seed = ops.convert_to_tensor(self._noise_seed_variable)
+        step = ops.convert_to_tensor(self._iterations_variable)
+        return [
+            ops.add(
+                grad,
+                ops.multiply(
+                    sigma, transforms.gaussian_noise_like(grad, seed, i, step)
+                ),
             )
-            noisy.append(ops.add(grad, ops.multiply(sigma, noise)))
-        return noisy
+            for grad, i in zip(grads, indices)
+        ]
 
     def _apply_rule(self, grads, variables, micro_variances):
-        """Weight decay, the update rule and the weights' moving average."""
-        strategy = distribution.cross_replica_strategy()
-        if strategy is not None:
-            self._apply_rule_across_replicas(
-                strategy, grads, variables, micro_variances
-            )
-            return
+        """Weight decay and the update rule for each variable, the weights'
+        moving average, then the variables' constraints (Keras's order)."""
         learning_rate = self.learning_rate
-        for variable in variables:
-            self._decay_weight(variable, learning_rate)
         for grad, variable, variance in zip(grads, variables, micro_variances):
-            self.update_step(
-                grad, variable, learning_rate, micro_batch_variance=variance
+            self._apply_rule_to_variable(
+                grad, variable, learning_rate, variance
             )
         if self.use_ema:
             self._update_moving_averages()
+        for variable in variables:
+            self._apply_constraint(variable)
+
+    def _apply_rule_to_variable(self, grad, variable, learning_rate, variance):
+        self._decay_weight(variable, learning_rate)
+        self.update_step(
+            grad, variable, learning_rate, micro_batch_variance=variance
+        )
+
+    def _apply_constraint(self, variable):
+        constraint = getattr(variable, "constraint", None)
+        if constraint is not None:
+            self.assign(variable, constraint(variable))
 
     def _decay_weight(self, variable, learning_rate):
-        if self.weight_decay and self._use_weight_decay(variable):
+        if self.weight_decay and private_api.uses_weight_decay(self, variable):
             lr = ops.cast(learning_rate, variable.dtype)
             wd = ops.cast(self.weight_decay, variable.dtype)
             self.assign(variable, variable - variable * wd * lr)
@@ -686,28 +592,34 @@ class GradientPipelineOptimizer(
         raise NotImplementedError
 
     def _update_moving_averages(self):
-        not_first = ops.not_equal(self._iterations, 0)
-        for variable, average in zip(
-            self._trainable_variables, self._model_variables_moving_average
-        ):
-            if average is None:
-                continue
+        iterations = self._iterations_variable
+        not_first = ops.not_equal(iterations, 0)
+        pairs = [
+            (variable, average)
+            for variable, average in zip(
+                private_api.trainable_variables(self),
+                self._model_variables_moving_average,
+            )
+            if average is not None
+        ]
+        for variable, average in pairs:
             momentum = ops.multiply(
                 ops.cast(not_first, variable.dtype), self.ema_momentum
             )
             self.assign(average, momentum * average + (1 - momentum) * variable)
         if self.ema_overwrite_frequency:
             overwrite = ops.equal(
-                ops.mod(self._iterations + 1, self.ema_overwrite_frequency), 0
+                ops.mod(iterations + 1, self.ema_overwrite_frequency), 0
             )
-            for variable, average in zip(
-                self._trainable_variables,
-                self._model_variables_moving_average,
-            ):
-                if average is not None:
-                    self.assign(
-                        variable, ops.where(overwrite, average, variable)
-                    )
+            for variable, average in pairs:
+                self.assign(
+                    variable,
+                    ops.where(
+                        overwrite,
+                        ops.convert_to_tensor(average),
+                        ops.convert_to_tensor(variable),
+                    ),
+                )
 
     # ------------------------------------------------------------------
     # Gated writes: a skipped update leaves every variable unchanged.
@@ -721,36 +633,153 @@ class GradientPipelineOptimizer(
         if gate is None:
             fn()
             return
-        with self._gated(gate):
-            fn()
-
-    @contextlib.contextmanager
-    def _gated(self, gate):
         previous = self._update_gate
         object.__setattr__(self, "_update_gate", gate)
         try:
-            yield
+            fn()
         finally:
             object.__setattr__(self, "_update_gate", previous)
 
     def assign(self, variable, value):
         if self._update_gate is not None:
             value = ops.where(
-                self._update_gate, ops.cast(value, variable.dtype), variable
+                self._update_gate,
+                ops.cast(value, variable.dtype),
+                ops.convert_to_tensor(variable),
             )
         super().assign(variable, value)
 
     def assign_add(self, variable, value):
         if self._update_gate is not None:
-            self.assign(variable, ops.add(variable, value))
+            self.assign(
+                variable, ops.add(ops.convert_to_tensor(variable), value)
+            )
         else:
             super().assign_add(variable, value)
 
     def assign_sub(self, variable, value):
         if self._update_gate is not None:
-            self.assign(variable, ops.subtract(variable, value))
+            self.assign(
+                variable, ops.subtract(ops.convert_to_tensor(variable), value)
+            )
         else:
             super().assign_sub(variable, value)
+
+    # ------------------------------------------------------------------
+    # Gradient statistics.
+
+    def enable_gradient_statistics(self) -> None:
+        """Switches `track_gradient_statistics` on, also after `build`.
+
+        Used by `GradientVarianceMonitor` at the start of `fit`. The missing
+        state is created; a function that already traced the update must be
+        traced again (`model.make_train_function(force=True)`). Switched on
+        in the middle of an accumulation cycle, the statistics start with
+        the next cycle (the current one's earlier micro-batches were not
+        measured), unless the per-coordinate sums of squares already hold
+        them.
+        """
+        if self.track_gradient_statistics:
+            return
+        self.track_gradient_statistics = True
+        if not self.built:
+            return
+        scope = contextlib.nullcontext()
+        if self._strategy is not None:
+            scope = self._strategy.scope()
+        variables = private_api.trainable_variables(self)
+        with scope:
+            object.__setattr__(
+                self, "_statistics", GradientStatistics(self, len(variables))
+            )
+            accumulator = self._accumulator
+            if accumulator.accumulates:
+                accumulator.add_square_norm_sums(len(variables))
+                position = int(ops.convert_to_numpy(accumulator.position))
+                if position and accumulator.square_sums:
+                    accumulator.square_norm_sums.assign(
+                        ops.stack(
+                            [
+                                transforms.flat_sum(s)
+                                for s in accumulator.square_sums
+                            ]
+                        )
+                    )
+                elif position:
+                    accumulator.cycle_samples.assign(-1)
+
+    def _require_statistics(self, method):
+        if not self.track_gradient_statistics:
+            raise ValueError(
+                f"`{method}()` needs gradient statistics, which this "
+                "optimizer does not measure: create it with "
+                "track_gradient_statistics=True, call "
+                "enable_gradient_statistics(), or attach a "
+                "GradientVarianceMonitor to fit. (The current noise level is "
+                "`optimizer.noise_std`.)"
+            )
+        self._require_built(method + "()")
+
+    def gradient_statistics(self) -> dict[str, Any]:
+        """Returns a snapshot of the gradient statistics of the last update.
+
+        Needs `track_gradient_statistics=True`. Values read NaN until the
+        first update has measured them; `variance`, `mean_norm_sq`,
+        `noise_scale`, `snr` and `signal_resolved` need at least two
+        gradient samples per update (`accumulation_steps >= 2`, or two or
+        more replicas) and stay NaN otherwise.
+
+        Returns:
+            A dict of float32 scalar tensors:
+            - `variance`: tr(Sigma_M), the summed per-coordinate variance of
+              one micro-batch gradient.
+            - `mean_norm_sq`: unbiased estimate of |E g|**2 (negative when
+              the signal is below the noise).
+            - `noise_scale`: B_simple = tr(Sigma_M) / |E g|**2, in
+              micro-batches (multiply by the micro-batch size for samples);
+              a lower bound when `signal_resolved` is 0.
+            - `snr`: |E g|**2 / (tr(Sigma_M) / n), the signal-to-noise ratio
+              of the update's mean gradient over n micro-batches (>= 0).
+            - `signal_resolved`: 1.0 when |E g|**2 was measured above zero.
+            - `grad_norm`: the L2 norm of the mean gradient before clipping.
+            - `noise_std`: the standard deviation of the injected noise.
+
+        Raises:
+            ValueError: if statistics are off or the optimizer is not built.
+
+        Example:
+
+        >>> opt = keras_gradtools.SGD(0.1, accumulation_steps=4,
+        ...                           track_gradient_statistics=True)
+        >>> # ... after some updates:
+        >>> float(opt.gradient_statistics()["noise_scale"])
+        """
+        self._require_statistics("gradient_statistics")
+        return self._statistics.snapshot()
+
+    def running_gradient_statistics(self) -> dict[str, Any]:
+        """Returns bias-corrected running averages of the statistics.
+
+        The variance tr(Sigma_M) and the squared mean |E g|**2 are averaged
+        over updates with decay 0.95 and corrected for their start at zero;
+        the noise scale and signal-to-noise ratio are ratios of the
+        averages, never averages of ratios (McCandlish et al., 2018). Values
+        read NaN until an update has measured them.
+
+        Returns:
+            A dict of float32 tensors: scalars `variance`, `mean_norm_sq`,
+            `noise_scale` (micro-batches; a lower bound where
+            `signal_resolved` is 0), `snr`, `signal_resolved`,
+            `updates_averaged` (the bias-correction weight), and
+            per-variable vectors `variable_variance` and
+            `variable_mean_sq`, in the order of the variables the optimizer
+            was built with.
+
+        Raises:
+            ValueError: if statistics are off or the optimizer is not built.
+        """
+        self._require_statistics("running_gradient_statistics")
+        return self._statistics.running_averages(self.accumulation_steps)
 
     # ------------------------------------------------------------------
     # Saved state: refuse a layout that does not fit instead of dropping it.
@@ -758,11 +787,17 @@ class GradientPipelineOptimizer(
     def save_own_variables(self, store):
         """Saves every optimizer variable, plus a description of the layout
         so that loading into a different configuration fails clearly."""
-        super().save_own_variables(store)
-        store[state.LAYOUT_KEY] = state.encode_layout(self._state_layout())
+        for i, variable in enumerate(self.variables):
+            store[str(i)] = ops.convert_to_numpy(variable)
+        store[layout.LAYOUT_KEY] = layout.encode(self._layout())
 
     def load_own_variables(self, store):
         """Restores every optimizer variable from `store`.
+
+        State saved before the optimizer was built (a model compiled and
+        saved before training) restores the counters it has and leaves the
+        rest fresh. State restored into an optimizer not built yet (a
+        pickled or deep-copied optimizer) is kept and applied by `build`.
 
         Raises:
             ValueError: if the saved state was written by a different
@@ -770,52 +805,92 @@ class GradientPipelineOptimizer(
                 slots, or for different variables. Keras itself only warns
                 and silently drops all optimizer state in that case.
         """
-        state.check_layout(store, self._state_layout(), self.variables)
-        for i, variable in enumerate(self.variables):
-            variable.assign(store[str(i)])
+        saved = layout.saved_layout(store)
+        arrays = layout.saved_arrays(store)
+        if saved is not None and not saved.get("built", True):
+            self._load_unbuilt_state(saved, arrays)
+            return
+        if not self.built:
+            object.__setattr__(self, "_pending_state", (saved, arrays))
+            return
+        self._restore(saved, arrays)
+
+    def _restore(self, saved, arrays):
+        layout.check(saved, arrays, self._layout())
+        for variable, array in zip(self.variables, arrays):
+            variable.assign(array)
         self._check_restored_cycle()
 
+    def _load_unbuilt_state(self, saved, arrays):
+        """The state of an optimizer saved before it was built: Keras's own
+        variables (the update counter, the learning rate)."""
+        variables = self._keras_variables()
+        expected = layout.describe(
+            self._layout()["class"], False, self._layout_settings(), variables
+        )
+        layout.check(saved, arrays, expected)
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
+
+    def _keras_variables(self):
+        """The variables that exist before `build` (Keras's own)."""
+        return private_api.keras_variables(self)
+
+    def _apply_pending_state(self):
+        pending = self._pending_state
+        if pending is not None:
+            object.__setattr__(self, "_pending_state", None)
+            self._restore(*pending)
+
     def _check_restored_cycle(self):
-        if not self._square_sums:
+        accumulator = self._accumulator
+        if accumulator.cycle_samples is None or not accumulator.square_sums:
             return
-        position = int(self._micro_steps.numpy()) % self.accumulation_steps
-        saved = int(self._cycle_replicas.numpy())
-        if position and saved != self._sample_replicas:
+        position = int(ops.convert_to_numpy(accumulator.position))
+        saved = int(ops.convert_to_numpy(accumulator.cycle_samples))
+        now = self._samples_per_micro_batch()
+        if position and saved != now:
             raise ValueError(
                 f"This state was saved {position} micro-batches into an "
                 f"accumulation cycle whose sums of squares came from {saved} "
-                f"replica(s); here they would come from "
-                f"{self._sample_replicas}. Samples of two batch sizes cannot "
-                "be combined into one variance. Restore onto the same number "
-                "of replicas, or save at a cycle boundary (micro_steps a "
-                f"multiple of {self.accumulation_steps})."
+                f"replica(s); here they would come from {now}. Samples of "
+                "two batch sizes cannot be combined into one variance. "
+                "Restore onto the same number of replicas, or save at a "
+                "cycle boundary."
             )
+
+    def _samples_per_micro_batch(self):
+        """Gradient samples per micro-batch: R when each of R replicas'
+        gradients is a sample of its own, else 1."""
+        if self._strategy is None:
+            return 1
+        from keras_gradtools.backends import tf_distribute
+
+        return tf_distribute.samples_per_micro_batch(self)
 
     def _layout_settings(self):
         """The settings that decide which variables exist and what they
         mean. Subclasses with slots of their own add theirs."""
         return {
-            "accumulation_steps": self.accumulation_steps,
+            "max_accumulation_steps": self.max_accumulation_steps,
             "sum_of_squares": self._keeps_square_sums,
             "noise": self.noise_eta > 0,
             "use_ema": bool(self.use_ema),
             "statistics": self.track_gradient_statistics,
         }
 
-    def _state_layout(self):
-        return {
-            "class": type(self).__name__,
-            "settings": self._layout_settings(),
-            "variables": [
-                [list(v.shape), backend.standardize_dtype(v.dtype)]
-                for v in self.variables
-            ],
-        }
+    def _layout(self):
+        return layout.describe(
+            type(self).__name__,
+            self.built,
+            self._layout_settings(),
+            self.variables,
+        )
 
     # ------------------------------------------------------------------
     # Serialization.
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.pop("gradient_accumulation_steps", None)
         config.update(self._pipeline_config())
@@ -825,10 +900,12 @@ class GradientPipelineOptimizer(
         """The pipeline's own arguments (shared with the wrapper's config)."""
         return {
             "accumulation_steps": self.accumulation_steps,
+            "max_accumulation_steps": self.max_accumulation_steps,
             "noise_eta": self.noise_eta,
             "noise_gamma": self.noise_gamma,
             "noise_seed": self.noise_seed,
             "clip_micro_batches": self.clip_micro_batches,
+            "sync_micro_batches": self.sync_micro_batches,
             "on_nonfinite": self.on_nonfinite,
             "track_gradient_statistics": self.track_gradient_statistics,
             "jit_compile": self.jit_compile,
@@ -840,28 +917,24 @@ GradientPipelineOptimizer.__doc__ = GradientPipelineOptimizer.__doc__.replace(
 )
 
 
-def _zero(accumulators):
-    for accumulator in accumulators:
-        accumulator.assign(ops.zeros_like(accumulator))
-
-
-def _restart_or_add(accumulator, value, finite, first):
-    """`accumulator = (0 if first else accumulator) + value`, leaving out a
-    non-finite `value`.
-
-    Selects rather than multiplies, so that a NaN in `value` (or in a
-    stale sum) never reaches the accumulator.
-    """
-    previous = ops.where(first, ops.zeros_like(accumulator), accumulator)
-    if finite is not None:
-        value = ops.where(finite, value, ops.zeros_like(value))
-    accumulator.assign(ops.add(previous, value))
-
-
-def _map_gradient(grad, fn):
-    """`fn(grad)`, or `fn` on the values of a sparse gradient."""
-    if gradient_checks.is_sparse(grad):
-        from keras_gradtools.optimizers import sparse
-
-        return sparse.map_values(grad, fn)
-    return fn(grad)
+def _check_gradient_matches(grad, variable):
+    values = sparse.values_of(grad)
+    grad_shape = tuple(getattr(grad, "shape", ()) or ())
+    if sparse.is_sparse(grad):
+        grad_shape = tuple(variable.shape)
+    var_shape = tuple(variable.shape)
+    compatible = len(grad_shape) == len(var_shape) and all(
+        g is None or v is None or g == v for g, v in zip(grad_shape, var_shape)
+    )
+    path = common.variable_path(variable)
+    if not compatible:
+        raise ValueError(
+            f"The gradient for variable '{path}' has shape {grad_shape}, but "
+            f"the variable has shape {var_shape}."
+        )
+    dtype = backend.standardize_dtype(values.dtype)
+    if not dtype.startswith(("float", "bfloat")):
+        raise ValueError(
+            f"The gradient for variable '{path}' has dtype {dtype}; "
+            "gradients must be floating point."
+        )

@@ -45,7 +45,7 @@ class SGD(GradientPipelineOptimizer):
         learning_rate: LearningRate = 0.01,
         momentum: float = 0.0,
         nesterov: bool = False,
-        name: str = "SGD",
+        name: str | None = None,
         **kwargs: Any,
     ) -> None:
         momentum = validation.check_float("momentum", momentum, 0, 1)
@@ -75,7 +75,7 @@ class SGD(GradientPipelineOptimizer):
         if self.momentum == 0:
             self.assign_sub(variable, step)
             return
-        m = self.momentums[self._get_variable_index(variable)]
+        m = self.momentums[self._variable_index(variable)]
         momentum = ops.cast(self.momentum, variable.dtype)
         self.assign(m, ops.subtract(ops.multiply(m, momentum), step))
         if self.nesterov:

@@ -9,17 +9,22 @@ import math
 import numbers
 
 
-def check_int(name, value, minimum):
-    """Returns `value` if it is an integer >= `minimum` (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+def check_int(name, value, minimum, maximum=None):
+    """Returns `value` if it is an integer in `[minimum, maximum]` (bools
+    rejected)."""
+    accepted = (
+        f"an integer >= {minimum}"
+        if maximum is None
+        else f"an integer in [{minimum}, {maximum}]"
+    )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
+            f"`{name}` must be {accepted}. Received: {name}={value!r}"
         )
     return int(value)
 
@@ -116,6 +121,20 @@ def resolve_accumulation_steps(accumulation_steps, gradient_accumulation_steps):
     if accumulation_steps is None:
         return 1
     return check_int("accumulation_steps", accumulation_steps, 1)
+
+
+def resolve_max_accumulation_steps(max_accumulation_steps, steps):
+    """Returns the largest K the optimizer accepts (default: `steps`)."""
+    if max_accumulation_steps is None:
+        return steps
+    maximum = check_int("max_accumulation_steps", max_accumulation_steps, 1)
+    if maximum < steps:
+        raise ValueError(
+            "`max_accumulation_steps` must be an integer >= "
+            f"accumulation_steps ({steps}). Received: "
+            f"max_accumulation_steps={max_accumulation_steps!r}"
+        )
+    return maximum
 
 
 def check_learning_rate(learning_rate):

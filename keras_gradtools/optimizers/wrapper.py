@@ -2,13 +2,11 @@
 
 from typing import Any
 
-from keras import ops
 from keras import optimizers
 from keras import saving
 
-from keras_gradtools.optimizers import distribution
+from keras_gradtools.backends import private_api
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.control_flow import run_if
 from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
 from keras_gradtools.types import NonfinitePolicy
@@ -57,6 +55,8 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         on_nonfinite: NonfinitePolicy = "skip",
         track_gradient_statistics: bool = False,
         jit_compile: bool = True,
+        max_accumulation_steps: int | None = None,
+        sync_micro_batches: bool = False,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
         global_clipnorm: float | None = None,
@@ -65,7 +65,8 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
     ) -> None:
         inner_optimizer = _check_inner(inner_optimizer)
         super().__init__(
-            learning_rate=0.0,
+            # The inner optimizer owns the learning rate (see the property).
+            learning_rate=_no_learning_rate,
             accumulation_steps=accumulation_steps,
             gradient_accumulation_steps=gradient_accumulation_steps,
             noise_eta=noise_eta,
@@ -75,6 +76,8 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
             on_nonfinite=on_nonfinite,
             track_gradient_statistics=track_gradient_statistics,
             jit_compile=jit_compile,
+            max_accumulation_steps=max_accumulation_steps,
+            sync_micro_batches=sync_micro_batches,
             clipnorm=clipnorm,
             clipvalue=clipvalue,
             global_clipnorm=global_clipnorm,
@@ -85,12 +88,24 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         # The wrapper unscales the loss before accumulating; the inner
         # optimizer must not do it a second time.
         self.inner_optimizer.loss_scale_factor = None
+        # The wrapper saves and restores the inner optimizer's state with
+        # its own (checked against the saved layout, restored after `build`
+        # when loaded first): Keras's file format would otherwise visit the
+        # inner optimizer on its own, store it twice and warn when loading
+        # it unbuilt.
+        for method in ("save_own_variables", "load_own_variables"):
+            object.__setattr__(inner_optimizer, method, _state_kept_by_wrapper)
 
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
         self.inner_optimizer.build(variables)
+
+    def _keras_variables(self):
+        return super()._keras_variables() + private_api.keras_variables(
+            self.inner_optimizer
+        )
 
     @property
     def variables(self):
@@ -105,25 +120,8 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         self.inner_optimizer.learning_rate = learning_rate
 
     def _apply_rule(self, grads, variables, micro_variances):
-        strategy = distribution.cross_replica_strategy()
-        if strategy is None:
-            self.inner_optimizer.apply(grads, variables)
-            return
-        # A Keras optimizer's `apply` runs in replica context, where it sums
-        # the gradients over replicas. Hand it the final gradient on replica
-        # 0 and zeros elsewhere: the sum is then that gradient, bitwise.
-
-        def apply_on_replica(grads):
-            import tensorflow as tf
-
-            context = tf.distribute.get_replica_context()
-            first = ops.equal(context.replica_id_in_sync_group, 0)
-            grads = [ops.where(first, g, ops.zeros_like(g)) for g in grads]
-            self.inner_optimizer.apply(grads, variables)
-
-        strategy.extended.call_for_each_replica(
-            apply_on_replica, args=(list(grads),)
-        )
+        del micro_variances
+        self.inner_optimizer.apply(grads, variables)
 
     def _run_gated(self, gate, fn):
         # The inner optimizer writes its variables directly, so a skipped
@@ -131,12 +129,12 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         if gate is None:
             fn()
         else:
-            run_if(gate, fn)
+            self._backend.run_if(gate, fn, self._state_variables())
 
-    def _state_layout(self):
-        layout = super()._state_layout()
-        layout["class"] += f"({type(self.inner_optimizer).__name__})"
-        return layout
+    def _layout(self):
+        described = super()._layout()
+        described["class"] += f"({type(self.inner_optimizer).__name__})"
+        return described
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
@@ -165,6 +163,15 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
 GradientPipelineWrapper.__doc__ = GradientPipelineWrapper.__doc__.replace(
     "{{pipeline_keyword_args}}", pipeline_keyword_args
 )
+
+
+def _no_learning_rate():
+    return 0.0
+
+
+def _state_kept_by_wrapper(store):
+    """The inner optimizer's own save/load: a no-op (see the wrapper)."""
+    del store
 
 
 def wrap(

@@ -1,0 +1,46 @@
+"""The backend seam: what TensorFlow and JAX each add to the pipeline.
+
+The pipeline (`keras_gradtools.optimizers.cycle`) is written once in
+`keras.ops`. A backend module decides only how it is entered and how it
+branches:
+
+- `run_if(predicate, fn, state)`: run a block of variable updates only on
+  the last micro-batch of a cycle, without copying what it does not touch
+  (TensorFlow: a loop of zero or one trips; JAX: `lax.cond` over the
+  state, threaded through a `keras.StatelessScope`).
+- `apply(optimizer, grads, variables)`: run one micro-batch, compiled when
+  called eagerly (`tf.function(jit_compile=True)` / `jax.jit`), or traced
+  into the caller's step; under a `tf.distribute` strategy the replica and
+  cross-replica halves live in `tf_distribute.py`.
+
+Only the module of the active backend is imported: `import keras_gradtools`
+on JAX imports no TensorFlow. Every private Keras or TensorFlow API the
+package uses is in `private_api.py`.
+"""
+
+import importlib
+
+import keras
+
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def check_supported() -> None:
+    """Raises an `ImportError` naming the supported backends when Keras
+    runs on another one."""
+    name = keras.backend.backend()
+    if name not in SUPPORTED_BACKENDS:
+        raise ImportError(
+            f"keras_gradtools supports the Keras backends "
+            f"{' and '.join(SUPPORTED_BACKENDS)}; Keras is running on "
+            f"'{name}'. Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax "
+            "before importing Keras."
+        )
+
+
+def current():
+    """Returns the module of the active backend (`tensorflow` or `jax`)."""
+    check_supported()
+    return importlib.import_module(
+        f"keras_gradtools.backends.{keras.backend.backend()}"
+    )

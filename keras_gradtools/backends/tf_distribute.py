@@ -1,0 +1,295 @@
+"""The gradient pipeline under a `tf.distribute` strategy.
+
+A strategy with R replicas calls `apply` once per replica and micro-batch,
+in replica context. The pipeline then runs in two halves, with one
+`merge_call` per `apply` (the pattern of Keras's `LossScaleOptimizer`):
+
+    replica context (each replica, no communication)
+      the local half: finite check, G_r += g_r, Σ|g_r|², n_r += 1/R
+      (with `sync_micro_batches` or `clip_micro_batches`: first one
+      all-reduce of the micro-batch gradient, which replica 0 keeps)
+    merge_call -> cross-replica context (once per apply)
+      K == 1: one batched all-reduce of the gradients, then the update
+      K >  1: run_if(last micro-batch of the cycle):
+                read G, n, Σ|g|² (SyncOnRead SUM variables: the all-reduce)
+                the update on the aggregate: clip and noise once, then the
+                rule on every replica's copy via `strategy.extended.update`
+
+The accumulators are `SyncOnRead` variables with SUM aggregation: a replica
+writes its own copy without communication, a cross-replica read (and a
+checkpoint) sees the sum, and restoring a sum onto R replicas stores 1/R of
+it on each, so a mid-cycle checkpoint restores onto any replica count.
+Weights, slots, counters and statistics stay mirrored and are written only
+in cross-replica context with identical inputs, so replicas stay bitwise
+identical.
+
+Called in cross-replica context (gradients computed outside `strategy.run`,
+e.g. with a `GradientTape` in the strategy's scope), `apply` treats them as
+the global micro-batch gradient: one sample per micro-batch, written into
+the first replica's sums.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+from keras import initializers
+from keras import ops
+
+from keras_gradtools.backends import private_api
+from keras_gradtools.optimizers.cycle import LocalPlacement
+
+
+def strategy_for_build(optimizer):
+    """The non-default strategy in scope when `optimizer` is built, or
+    `None`.
+
+    Raises:
+        ValueError: when built inside `strategy.run` (replica context).
+    """
+    if not tf.distribute.has_strategy():
+        return None
+    if tf.distribute.in_cross_replica_context() is False:
+        raise ValueError(
+            "Build the optimizer before `strategy.run`, inside "
+            "`strategy.scope()`: call "
+            "`optimizer.build(model.trainable_variables)` there (or use "
+            "`model.compile` and `model.fit`, which do it)."
+        )
+    return tf.distribute.get_strategy()
+
+
+def add_local_variable(optimizer, strategy, shape, dtype, name, reference):
+    """Creates a per-replica accumulator (SyncOnRead, SUM) on `optimizer`.
+
+    Args:
+        optimizer: The optimizer that tracks the variable.
+        strategy: The strategy whose replicas get a copy each.
+        shape: The variable's shape.
+        dtype: Its dtype.
+        name: Its name.
+        reference: A model variable to place it with, or `None`.
+
+    Returns:
+        A `keras.Variable`, tracked by `optimizer` (so saved with it).
+    """
+    colocate = contextlib.nullcontext()
+    if reference is not None:
+        colocate = strategy.extended.colocate_vars_with(tf_variable(reference))
+    with strategy.scope(), colocate:
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            variable = keras.Variable(
+                initializer=initializers.Zeros(),
+                shape=shape,
+                dtype=dtype,
+                trainable=False,
+                aggregation="sum",
+                synchronization="on_read",
+                name=name,
+            )
+    private_api.track_variable(optimizer, variable)
+    return variable
+
+
+def tf_variable(variable):
+    """The `tf.Variable` behind a `keras.Variable` (or a plain one)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def samples_per_micro_batch(optimizer):
+    """R when each of R replicas' gradients is a separate sample of the
+    micro-batch gradient (the default), 1 when every micro-batch gradient is
+    summed over the replicas first (`sync_micro_batches`,
+    `clip_micro_batches`)."""
+    strategy = optimizer._strategy
+    if optimizer.sync_micro_batches or optimizer.clip_micro_batches:
+        return 1
+    return strategy.num_replicas_in_sync
+
+
+def apply(optimizer, grads, variables):
+    """Runs one micro-batch under the strategy in scope."""
+    strategy = tf.distribute.get_strategy()
+    if optimizer._strategy is not strategy:
+        raise ValueError(
+            "This optimizer was built outside the scope of the strategy it "
+            "is now used with. Create the model and compile (or call "
+            "`optimizer.build(model.trainable_variables)`) inside "
+            "`strategy.scope()`."
+        )
+    if optimizer._overwritten_indices:
+        raise NotImplementedError(
+            "Variables overwritten with their gradient (float8 scale "
+            "factors) are not supported under a tf.distribute strategy yet: "
+            "train them without a strategy, or on the JAX backend."
+        )
+    if tf.distribute.in_cross_replica_context():
+        _apply_in_cross_replica_context(optimizer, strategy, grads, variables)
+        return
+    _apply_in_replica_context(optimizer, strategy, grads, variables)
+
+
+def _apply_in_replica_context(optimizer, strategy, grads, variables):
+    driver = optimizer._cycle
+    context = tf.distribute.get_replica_context()
+    replicas = strategy.num_replicas_in_sync
+    indices = [optimizer._variable_index(v) for v in variables]
+    samples = samples_per_micro_batch(optimizer)
+    if not optimizer._accumulator.accumulates:
+        # Clipping each micro-batch acts on the sum over replicas, after
+        # the all-reduce of the update.
+        local = driver.local_half(grads, indices, clip=False)
+        norms = local.norms if samples > 1 else None
+        context.merge_call(
+            _update_from_replicas,
+            args=(optimizer, local.grads, norms, indices),
+        )
+        return
+    reduce, keeper = None, None
+    if samples == 1:
+        # Each micro-batch's global gradient (clipping one needs it): one
+        # all-reduce per micro-batch, whose result replica 0 keeps.
+        def reduce(values):
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+        keeper = ops.equal(context.replica_id_in_sync_group, 0)
+    driver.local_half(
+        grads,
+        indices,
+        count=1.0 / replicas,
+        reduce=reduce,
+        keeper=keeper,
+    )
+    context.merge_call(_finish_micro_batch, args=(optimizer, indices, samples))
+
+
+def _apply_in_cross_replica_context(optimizer, strategy, grads, variables):
+    """Gradients computed outside `strategy.run`: the global micro-batch
+    gradient, one sample per micro-batch, which replica 0 keeps."""
+    driver = optimizer._cycle
+    indices = [optimizer._variable_index(v) for v in variables]
+    accumulates = optimizer._accumulator.accumulates
+
+    def local(grads):
+        context = tf.distribute.get_replica_context()
+        keeper = ops.equal(context.replica_id_in_sync_group, 0)
+        result = driver.local_half(
+            grads,
+            indices,
+            count=1.0 / strategy.num_replicas_in_sync,
+            keeper=keeper,
+            clip=accumulates,
+        )
+        return None if accumulates else result.grads
+
+    kept = strategy.run(local, args=(list(grads),))
+    if accumulates:
+        _finish_micro_batch(strategy, optimizer, indices, 1)
+    else:
+        _update_from_replicas(strategy, optimizer, kept, None, indices)
+
+
+def _update_from_replicas(strategy, optimizer, grads, norms, indices):
+    """K == 1: sums the replicas' gradients (one batched all-reduce), then
+    updates from the global-batch gradient. With the replicas as samples,
+    their squared norms are reduced with them, for the statistics."""
+    variables = [optimizer._trainable_variable(i) for i in indices]
+
+    def reduce(values, destinations):
+        reduced_values = strategy.extended.batch_reduce_to(
+            tf.distribute.ReduceOp.SUM,
+            list(zip(values, destinations)),
+        )
+        return [
+            strategy.experimental_local_results(r)[0] for r in reduced_values
+        ]
+
+    grads = reduce(grads, [tf_variable(v) for v in variables])
+    samples = samples_per_micro_batch(optimizer)
+    norm_sums = None
+    if norms is not None:
+        first = tf_variable(variables[0])
+        norm_sums = reduce(norms, [first] * len(norms))
+    means = grads
+    if optimizer.clip_micro_batches:
+        means, _ = optimizer._clip(means)
+    gate = None
+    if optimizer.on_nonfinite == "skip":
+        from keras_gradtools import transforms
+
+        gate = transforms.all_finite(means)
+    optimizer._cycle.update(
+        means,
+        indices,
+        count=1.0,
+        gate=gate,
+        samples=samples if norms is not None else 1,
+        norm_sums=norm_sums,
+        placement=ReplicatedPlacement(strategy),
+    )
+    optimizer._accumulator.count_micro_step()
+
+
+def _finish_micro_batch(strategy, optimizer, indices, samples):
+    """K > 1: the replicas' sums are written; only the last micro-batch of
+    a cycle reads them (the all-reduce) and updates."""
+    driver = optimizer._cycle
+    accumulator = optimizer._accumulator
+    first, last, steps = accumulator.cycle_flags()
+    accumulator.record_samples(first, samples)
+    optimizer._backend.run_if(
+        last,
+        lambda: driver.finish_cycle(indices, ReplicatedPlacement(strategy)),
+    )
+    accumulator.advance(first, last, steps)
+    accumulator.count_micro_step()
+
+
+class ReplicatedPlacement(LocalPlacement):
+    """Applies the same (reduced, clipped, noised) gradient to every
+    replica's copy of each variable: only the gradient moves, and equal
+    inputs keep the replicas bitwise identical."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    def apply_rule(self, optimizer, grads, variables, variances):
+        inner = getattr(optimizer, "inner_optimizer", None)
+        if inner is not None:
+            self._apply_inner(optimizer, inner, grads, variables)
+            return
+        learning_rate = optimizer.learning_rate
+        extended = self.strategy.extended
+        for grad, variable, variance in zip(grads, variables, variances):
+            extended.update(
+                tf_variable(variable),
+                lambda v, g, w: optimizer._apply_rule_to_variable(
+                    g, v, learning_rate, w
+                ),
+                args=(grad, variance),
+                group=False,
+            )
+        if optimizer.use_ema:
+            optimizer._update_moving_averages()
+        for variable in variables:
+            if getattr(variable, "constraint", None) is not None:
+                extended.update(
+                    tf_variable(variable),
+                    lambda v, c=variable.constraint: optimizer.assign(v, c(v)),
+                    group=False,
+                )
+
+    def _apply_inner(self, optimizer, inner, grads, variables):
+        """A Keras optimizer's `apply` runs in replica context, where it sums
+        the gradients over replicas. Hand it the final gradient on replica 0
+        and zeros elsewhere: the sum is then that gradient, bitwise."""
+
+        def apply_on_replica(grads):
+            context = tf.distribute.get_replica_context()
+            first = ops.equal(context.replica_id_in_sync_group, 0)
+            grads = [ops.where(first, g, ops.zeros_like(g)) for g in grads]
+            inner.apply(grads, variables)
+
+        self.strategy.extended.call_for_each_replica(
+            apply_on_replica, args=(list(grads),)
+        )

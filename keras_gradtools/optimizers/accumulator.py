@@ -1,0 +1,331 @@
+"""The accumulator: the state of an accumulation cycle and the arithmetic
+on it (DESIGN.md §1).
+
+A cycle consumes K micro-batch gradients at fixed weights. The accumulator
+keeps, per model variable, the sum `G = sum g_i` (or, for variables that
+Keras overwrites with their gradient, the cycle's maximum), where read the
+sum of squares `S = sum g_i**2`, and for the statistics the per-variable
+scalars `Q = sum |g_i|**2`. The first micro-batch of a cycle overwrites the
+sums instead of adding to them, so the update never zeroes them.
+
+K itself is state (`accumulation_steps`, an int32 variable): it may change
+between cycles without retracing the step, up to `max_steps`, which is
+fixed at construction and decides whether the sums exist at all. A change
+takes effect at the next cycle boundary: the cycle's own K is latched when
+it starts (`cycle_steps`).
+
+Under a `tf.distribute` strategy the sums, the count of finite micro-batches
+and the count of skipped ones are per-replica (SyncOnRead, SUM) variables:
+each replica adds its own gradient without communication, and reading them
+in cross-replica context (once per update) is the all-reduce. Each of R
+replicas counts 1/R of a micro-batch, so the count means the same on any
+number of replicas (exact for R a power of two, else to float32 rounding).
+"""
+
+from keras import ops
+
+from keras_gradtools import transforms
+from keras_gradtools.transforms import sparse
+
+
+class GradientAccumulator:
+    """ΣG, Σg², Σ|g|² and the cycle counters of one optimizer.
+
+    Args:
+        owner: The optimizer whose state this is. It creates the variables
+            (`owner._add_state`), so that they are tracked, saved and, under
+            a strategy, per-replica where they must be.
+        variables: The model variables, in build order.
+        max_steps: The largest K this optimizer accepts; sums exist only
+            when it is above 1.
+        steps: The K of the first cycle.
+        square_sums: Whether to keep the per-coordinate Σg² (Adam "micro",
+            per-coordinate statistics).
+        square_norm_sums: Whether to keep the per-variable Σ|g|² (gradient
+            statistics).
+    """
+
+    def __init__(
+        self, owner, variables, max_steps, steps, square_sums, square_norm_sums
+    ):
+        self._owner = owner
+        self.max_steps = max_steps
+        self.micro_steps = owner._add_state("micro_steps", dtype="int")
+        self.skipped_micro_batches = owner._add_state(
+            "skipped_micro_batches", dtype="int", local=True
+        )
+        self.gradient_sums = []
+        self.square_sums = []
+        self.square_norm_sums = None
+        self.cycle_samples = None
+        if not self.accumulates:
+            return
+        self.steps = owner._add_state(
+            "accumulation_steps", dtype="int32", initial=steps
+        )
+        self.cycle_steps = owner._add_state(
+            "cycle_steps", dtype="int32", initial=steps
+        )
+        self.position = owner._add_state("cycle_position", dtype="int32")
+        self.count = owner._add_state("cycle_micro_batches", local=True)
+        self.gradient_sums = [
+            owner._add_state(
+                "gradient_maximum"
+                if owner._overwrites_with_gradient(v)
+                else "gradient_sum",
+                role="gradient_sum",
+                local=True,
+                reference=v,
+                keep_dtype=owner._overwrites_with_gradient(v),
+            )
+            for v in variables
+        ]
+        if square_sums:
+            self.square_sums = [
+                None
+                if owner._overwrites_with_gradient(v)
+                else owner._add_state("square_sum", local=True, reference=v)
+                for v in variables
+            ]
+        if square_norm_sums:
+            self.add_square_norm_sums(len(variables))
+        elif square_sums:
+            self._add_cycle_samples()
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether micro-batches are accumulated (max K above 1)."""
+        return self.max_steps > 1
+
+    def add_square_norm_sums(self, count):
+        """Creates the per-variable Σ|g|² (switching statistics on)."""
+        self.square_norm_sums = self._owner._add_state(
+            "square_norm_sum", shape=(count,), local=True
+        )
+        self._add_cycle_samples()
+
+    def _add_cycle_samples(self):
+        """The gradient samples per micro-batch of the current cycle (R when
+        each of R replicas' gradients is a sample, else 1), or -1 once two
+        micro-batches of a cycle disagree: sums of squares taken at two batch
+        sizes form no variance."""
+        if self.cycle_samples is None:
+            self.cycle_samples = self._owner._add_state(
+                "cycle_samples", dtype="int32", initial=1
+            )
+
+    # ------------------------------------------------------------------
+    # Where in the cycle we are.
+
+    def cycle_flags(self):
+        """Returns `(first, last, steps)`: whether this micro-batch starts
+        and ends its cycle, and the cycle's K (scalar tensors)."""
+        position = ops.convert_to_tensor(self.position)
+        first = ops.equal(position, 0)
+        steps = ops.where(
+            first,
+            ops.convert_to_tensor(self.steps),
+            ops.convert_to_tensor(self.cycle_steps),
+        )
+        last = ops.greater_equal(position + 1, steps)
+        return first, last, steps
+
+    def current_cycle_steps(self):
+        """The K of the cycle in progress (scalar int32 tensor)."""
+        return self.cycle_flags()[2]
+
+    def advance(self, first, last, steps):
+        """Moves the counters on by one micro-batch."""
+        self.cycle_steps.assign(
+            ops.where(first, steps, ops.convert_to_tensor(self.cycle_steps))
+        )
+        self.position.assign(ops.where(last, 0, ops.add(self.position, 1)))
+
+    def count_micro_step(self):
+        self.micro_steps.assign_add(ops.ones((), self.micro_steps.dtype))
+
+    def count_skipped(self, finite, counted=None):
+        """Counts a non-finite micro-batch (only where `counted` holds)."""
+        skipped = ops.logical_not(finite)
+        if counted is not None:
+            skipped = ops.logical_and(skipped, counted)
+        self.skipped_micro_batches.assign_add(
+            ops.cast(skipped, self.skipped_micro_batches.dtype)
+        )
+
+    # ------------------------------------------------------------------
+    # Adding a micro-batch (local: no communication under a strategy).
+
+    def add(
+        self,
+        grads,
+        indices,
+        first,
+        finite=None,
+        norms=None,
+        count=1.0,
+    ):
+        """Adds one micro-batch to the sums.
+
+        Args:
+            grads: float32 gradients (dense, or deduplicated `IndexedSlices`
+                on TensorFlow).
+            indices: Their variables' indices in build order.
+            first: Whether this micro-batch starts the cycle (it overwrites
+                the sums).
+            finite: `None`, or a scalar: a non-finite micro-batch adds
+                nothing (and does not count).
+            norms: The gradients' squared norms, when the statistics keep
+                their sums.
+            count: What this micro-batch adds to the count (1/R on each of
+                R replicas).
+
+        The sums of variables without a gradient here restart with the
+        cycle all the same.
+        """
+        backend = self._owner._backend
+        for grad, i in zip(grads, indices):
+            if sparse.is_sparse(grad):
+                backend.restart_or_scatter_add(
+                    self.gradient_sums[i],
+                    grad.values,
+                    grad.indices,
+                    first,
+                    finite,
+                )
+                if self.square_sums:
+                    backend.restart_or_scatter_add(
+                        self.square_sums[i],
+                        ops.square(grad.values),
+                        grad.indices,
+                        first,
+                        finite,
+                    )
+                continue
+            self._write(
+                self.gradient_sums[i],
+                transforms.restart_or_add(
+                    self.gradient_sums[i], grad, first, finite
+                ),
+            )
+            if self.square_sums:
+                self._write(
+                    self.square_sums[i],
+                    transforms.restart_or_add(
+                        self.square_sums[i], ops.square(grad), first, finite
+                    ),
+                )
+        if self.square_norm_sums is not None and norms is not None:
+            self._add_norms(norms, indices, first, finite)
+        self._write(
+            self.count,
+            transforms.restart_or_add(
+                self.count, ops.full((), count, "float32"), first, finite
+            ),
+        )
+        present = set(indices)
+        flags = self._owner._overwrite_flags
+        absent = [
+            accumulator
+            for i, accumulator in enumerate(self.gradient_sums)
+            if i not in present and not flags[i]
+        ] + [
+            accumulator
+            for i, accumulator in enumerate(self.square_sums)
+            if accumulator is not None and i not in present
+        ]
+        if absent:
+            # A variable without a gradient here (None, or frozen for this
+            # fit) must still start the cycle from zero, or stale sums would
+            # return when it gets gradients again.
+            backend.zero_if(first, absent)
+
+    def add_maxima(self, grads, indices, first):
+        """Keeps the cycle's maximum of the gradients of variables that Keras
+        overwrites with their gradient (float8 scales), as Keras does."""
+        for grad, i in zip(grads, indices):
+            self._write(
+                self.gradient_sums[i],
+                transforms.restart_or_maximum(
+                    self.gradient_sums[i], grad, first
+                ),
+            )
+
+    def record_samples(self, first, samples):
+        """Notes the gradient samples per micro-batch of this micro-batch
+        (mirrored state: cross-replica context under a strategy)."""
+        if self.cycle_samples is None:
+            return
+        recorded = ops.convert_to_tensor(self.cycle_samples)
+        agreed = ops.where(ops.equal(recorded, samples), samples, -1)
+        self.cycle_samples.assign(ops.where(first, samples, agreed))
+
+    def _add_norms(self, norms, indices, first, finite):
+        """Σ|g|² per variable; entries of absent variables restart too."""
+        size = self.square_norm_sums.shape[0]
+        positions = {i: p for p, i in enumerate(indices)}
+        vector = ops.stack(
+            [
+                norms[positions[i]]
+                if i in positions
+                else ops.zeros((), "float32")
+                for i in range(size)
+            ]
+        )
+        self._write(
+            self.square_norm_sums,
+            transforms.restart_or_add(
+                self.square_norm_sums, vector, first, finite
+            ),
+        )
+
+    def _write(self, accumulator, value):
+        accumulator.assign(value)
+
+    # ------------------------------------------------------------------
+    # Reading a finished cycle (cross-replica under a strategy: the sums).
+
+    def total_count(self):
+        """The finite micro-batches of the cycle, in global micro-batches."""
+        return ops.convert_to_tensor(self.count)
+
+    def means(self, indices, count):
+        """`G / count` for each variable (by a reciprocal: XLA then fuses the
+        mean into each reader instead of writing it once and reading it
+        back, which it does for a division)."""
+        reciprocal = ops.divide(1.0, count)
+        return [
+            ops.multiply(self.gradient_sums[i], reciprocal) for i in indices
+        ]
+
+    def cycle_samples_and_validity(self):
+        """Returns `(samples, valid)`: the cycle's gradient samples per
+        micro-batch and whether its micro-batches agreed on it."""
+        if self.cycle_samples is None:
+            return 1, True
+        recorded = ops.convert_to_tensor(self.cycle_samples)
+        return ops.maximum(recorded, 1), ops.greater(recorded, 0)
+
+    def norm_sums(self, indices):
+        """Σ|g|² per variable, or `None` when not kept."""
+        if self.square_norm_sums is None:
+            return None
+        sums = ops.convert_to_tensor(self.square_norm_sums)
+        return [sums[i] for i in indices]
+
+    def maxima(self, index):
+        """The cycle maximum of a variable overwritten with its gradient."""
+        return self.gradient_sums[index]
+
+    def mean_squares(self, indices, count, samples):
+        """The mean square of the gradient samples per coordinate:
+        `samples * S / count` (S summed over replicas), or `None`."""
+        if not self.square_sums:
+            return None
+        scale = ops.divide(ops.cast(samples, "float32"), count)
+        return [ops.multiply(self.square_sums[i], scale) for i in indices]
+
+    def finish(self):
+        """Ends the cycle: the count restarts (also keeping the update's
+        reads loop-variant, so XLA cannot hoist them out of `run_if`)."""
+        self.count.assign(ops.zeros((), "float32"))
