@@ -1,4 +1,12 @@
-"""A picture of the gradient statistics over training."""
+"""A picture of the gradient statistics over training.
+
+Every panel has a fixed logarithmic y-axis, so that pictures of different
+runs compare at a glance (all quantities are positive and span decades).
+Points where the signal was not resolved above the noise are drawn, not
+dropped: the noise scale there is a lower bound (hollow upward triangles),
+the signal-to-noise ratio is below what can be measured (drawn at the
+bottom of its panel as hollow downward triangles).
+"""
 
 import math
 import os
@@ -7,9 +15,9 @@ from typing import Any
 # (tag, panel title, y-axis label)
 PANELS = (
     (
-        "grad_variance",
-        "Gradient variance: tr Σ of one micro-batch gradient",
-        "tr Σ  (squared gradient units)",
+        "grad_noise_scale",
+        "Gradient noise scale B_simple (batch sizes below it are noise-bound)",
+        "samples",
     ),
     (
         "grad_snr",
@@ -17,11 +25,14 @@ PANELS = (
         "|E g|² / (tr Σ / K)",
     ),
     (
-        "grad_noise_scale",
-        "Gradient noise scale B_simple (batch sizes below it are noise-bound)",
-        "samples",
+        "grad_variance",
+        "Gradient variance: tr Σ of one micro-batch gradient",
+        "tr Σ",
     ),
+    ("grad_norm", "Norm of the mean gradient |ḡ|", "|ḡ|"),
+    ("noise_std", "Injected noise σ_t", "σ_t"),
 )
+RESOLVED = "grad_signal_resolved"
 
 
 def plot_gradient_statistics(
@@ -29,7 +40,10 @@ def plot_gradient_statistics(
     path: str | os.PathLike,
     title: str | None = None,
 ) -> str | os.PathLike:
-    """Writes a PNG of gradient variance, SNR and noise scale over training.
+    """Writes a PNG of the gradient statistics over training.
+
+    Panels: noise scale, signal-to-noise ratio, variance, mean-gradient norm
+    and (when noise is on) the injected noise's σ_t, each on a log scale.
 
     Args:
         history_or_logdir: A `keras.callbacks.History` (or its `.history`
@@ -63,35 +77,28 @@ def plot_gradient_statistics(
         history = getattr(history_or_logdir, "history", history_or_logdir)
         series = {
             name: (list(range(1, len(history[name]) + 1)), list(history[name]))
-            for name, _, _ in PANELS
+            for name in [p[0] for p in PANELS] + [RESOLVED]
             if name in history
         }
         x_label = "epoch"
-    if not series:
+    if not any(name in series for name, _, _ in PANELS[:3]):
         raise ValueError(
             "No gradient statistics found: fit with a GradientVarianceMonitor "
-            "(tags grad_variance, grad_snr, grad_noise_scale)."
+            "(tags grad_noise_scale, grad_snr, grad_variance)."
         )
+    panels = [p for p in PANELS if p[0] != "noise_std" or p[0] in series]
     figure, axes = plt.subplots(
-        len(PANELS), 1, figsize=(8, 8), sharex=True, constrained_layout=True
+        len(panels),
+        1,
+        figsize=(8, 2.2 * len(panels) + 0.6),
+        sharex=True,
+        constrained_layout=True,
     )
-    for axis, (name, panel_title, y_label) in zip(axes, PANELS):
+    resolved = dict(zip(*series.get(RESOLVED, ([], []))))
+    for axis, (name, panel_title, y_label) in zip(axes, panels):
         steps, values = series.get(name, ([], []))
-        finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-        if finite:
-            xs, ys = zip(*finite)
-            axis.plot(xs, ys, marker="o", markersize=3)
-            if min(ys) > 0 and max(ys) / min(ys) > 20:
-                axis.set_yscale("log")
-        else:
-            axis.text(
-                0.5,
-                0.5,
-                "not measured",
-                ha="center",
-                va="center",
-                transform=axis.transAxes,
-            )
+        _draw(axis, name, steps, values, resolved)
+        axis.set_yscale("log")
         axis.set_title(panel_title, fontsize=10, loc="left")
         axis.set_ylabel(y_label, fontsize=9)
         axis.grid(True, which="both", alpha=0.3)
@@ -103,28 +110,63 @@ def plot_gradient_statistics(
     return path
 
 
-def _from_logdir(log_dir):
-    from tensorboard.backend.event_processing import event_accumulator
-
-    series = {}
-    for root, _, files in os.walk(log_dir):
-        if not any(".tfevents." in f for f in files):
-            continue
-        accumulator = event_accumulator.EventAccumulator(
-            root, size_guidance={event_accumulator.TENSORS: 0}
+def _draw(axis, name, steps, values, resolved):
+    points = [
+        (s, v, resolved.get(s, 1.0) == 1.0)
+        for s, v in zip(steps, values)
+        if math.isfinite(v)
+    ]
+    if not points:
+        axis.text(
+            0.5,
+            0.5,
+            "not measured",
+            ha="center",
+            va="center",
+            transform=axis.transAxes,
         )
-        accumulator.Reload()
-        for name, _, _ in PANELS:
-            if name in accumulator.Tags().get("tensors", []):
-                events = accumulator.Tensors(name)
+        return
+    xs = [s for s, _, _ in points]
+    positive = [v for _, v, _ in points if v > 0]
+    floor = min(positive) if positive else 1.0
+    ys = [v if v > 0 else floor for _, v, _ in points]
+    axis.plot(xs, ys, color="C0", linewidth=1, zorder=1)
+    good = [(x, y) for (x, y), (_, _, ok) in zip(zip(xs, ys), points) if ok]
+    bad = [(x, y) for (x, y), (_, _, ok) in zip(zip(xs, ys), points) if not ok]
+    if good:
+        axis.scatter(*zip(*good), s=12, color="C0", zorder=2)
+    if bad and name in ("grad_noise_scale", "grad_snr"):
+        label = (
+            "lower bound: signal below the noise"
+            if name == "grad_noise_scale"
+            else "not resolved (signal below the noise)"
+        )
+        marker = "^" if name == "grad_noise_scale" else "v"
+        axis.scatter(
+            *zip(*bad),
+            s=36,
+            marker=marker,
+            facecolors="none",
+            edgecolors="C3",
+            zorder=3,
+            label=label,
+        )
+        axis.legend(fontsize=8, loc="best")
+    elif bad:
+        axis.scatter(*zip(*bad), s=12, color="C0", zorder=2)
+
+
+def _from_logdir(log_dir):
+    from keras_gradtools.callbacks.summary_writer import read_events
+
+    names = [p[0] for p in PANELS] + [RESOLVED]
+    series = {}
+    for tags in read_events(log_dir).values():
+        for name in names:
+            if name in tags:
+                events = tags[name]
                 series[name] = (
-                    [e.step for e in events],
-                    [float(_scalar(e.tensor_proto)) for e in events],
+                    [step for step, _ in events],
+                    [float(value) for _, value in events],
                 )
     return series
-
-
-def _scalar(tensor_proto):
-    import tensorflow as tf
-
-    return tf.make_ndarray(tensor_proto).item()

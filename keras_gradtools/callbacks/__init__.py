@@ -1,8 +1,9 @@
-"""Callbacks: the gradient-variance monitor and its probe."""
+"""Callbacks: the gradient-variance monitor, its probe and advice."""
 
+from keras_gradtools.callbacks.advice import BatchSizeAdvice
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     GradientVarianceMonitor,
 )
 from keras_gradtools.callbacks.probe import GradientProbe
 
-__all__ = ["GradientProbe", "GradientVarianceMonitor"]
+__all__ = ["BatchSizeAdvice", "GradientProbe", "GradientVarianceMonitor"]

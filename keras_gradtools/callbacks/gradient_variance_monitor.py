@@ -2,13 +2,18 @@
 
 import math
 import os
+import warnings
+from typing import Any
 from typing import Literal
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_gradtools import transforms
+from keras_gradtools.callbacks import advice as advice_lib
+from keras_gradtools.callbacks import backend_hooks
 from keras_gradtools.callbacks.probe import GradientProbe
+from keras_gradtools.callbacks.summary_writer import SummaryWriter
 from keras_gradtools.optimizers import validation
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 
@@ -26,41 +31,54 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
       micro-batch gradient.
     - `grad_norm`: |g_bar|, the norm of the mean gradient of the last update.
     - `grad_snr`: |E g|**2 / (tr(Sigma_M) / K), the signal-to-noise ratio of
-      the mean gradient an update uses.
+      the mean gradient an update uses (0 when the signal is not resolved).
     - `grad_noise_scale`: B_simple = M * tr(Sigma_M) / |E g|**2, in samples
       (McCandlish et al., 2018): batches much smaller than it are noise
-      dominated; much larger ones waste samples.
+      dominated; much larger ones waste samples. When the signal is not
+      resolved above the noise (`grad_signal_resolved` = 0), it is a lower
+      bound.
+    - `grad_signal_resolved`: 1 when |E g|**2 was measured above zero.
     - `noise_std`: sigma_t of the injected noise (when noise is on).
     - `skipped_micro_batches`: micro-batches left out so far because their
-      gradient was not finite (keras_gradtools optimizers).
+      gradient was not finite (keras_gradtools optimizers); a warning is
+      issued once per epoch in which some were.
 
     Two ways to measure, chosen at the start of `fit`:
 
-    - **From the optimizer** (free): a keras_gradtools optimizer with
+    - **From the optimizer** (nearly free): a keras_gradtools optimizer with
       `accumulation_steps >= 2` measures the statistics inside its update
-      from the sums it keeps anyway. The monitor switches
-      `track_gradient_statistics` on; the noise scale uses bias-corrected
-      running averages of numerator and denominator, ratio taken last.
+      from the sums it keeps. The monitor switches
+      `track_gradient_statistics` on (if the optimizer is in the middle of
+      an accumulation cycle, from the next cycle); the noise scale uses
+      bias-corrected running averages of numerator and denominator, ratio
+      taken last.
     - **Probe** (any optimizer, any K): every `update_freq`, gradients of
       `probe_batches` fixed batches of `probe_data` at the current weights;
       weights, optimizer state, non-trainable variables and metrics are
       left as they were.
 
-    The values go into `logs` (so `History`), to TensorBoard under
-    `log_dir/gradients` (tags `grad_variance`, `grad_noise_scale`, ...;
-    alongside `keras.callbacks.TensorBoard` writing to the same `log_dir`),
-    and at the end of training a short advice on the batch size is printed.
+    Each measurement goes into the logs (so into `History` once per epoch:
+    with `update_freq=N`, the epoch's last measurement), to TensorBoard
+    under `log_dir/gradients` (next to `keras.callbacks.TensorBoard`'s runs
+    in the same `log_dir`; written by process 0 / the chief only), and at
+    the end of training `advice` holds (and `verbose=1` prints) advice on
+    the effective batch size. Every measurement also checks the weights: a
+    non-finite weight (an update rule that diverged, which no check on the
+    gradients can catch) is reported with a warning naming the variables.
 
     Args:
         log_dir: Optional directory for TensorBoard event files.
         update_freq: `"epoch"` or an int N: measure every N batches.
-        probe_data: Optional batched `tf.data.Dataset` or `(x, y)` arrays
-            for probe mode (needed when the optimizer cannot measure).
+        probe_data: Optional `(x, y)` arrays or an iterable of batches (e.g.
+            a batched `tf.data.Dataset`) for probe mode (needed when the
+            optimizer cannot measure).
         probe_batches: Int >= 2, batches per probe. Defaults to 8.
         per_layer: Boolean. Also log `grad_variance` and `grad_snr` per
             variable (tags `grad_variance/<variable path>`).
         histogram_freq: Int >= 0. Every this many epochs, write a histogram
-            of the per-coordinate variance of each variable (0: never).
+            of the per-coordinate variance of each variable (0: never). In
+            optimizer mode this keeps per-coordinate sums of squares (4 bytes
+            per parameter).
         batch_size: Optional int, the micro-batch size M. By default it is
             read from the batches `fit` feeds the model.
         verbose: 0 (silent) or 1 (print the advice at the end).
@@ -77,7 +95,7 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self,
         log_dir: str | os.PathLike | None = None,
         update_freq: Literal["epoch"] | int = "epoch",
-        probe_data: tf.data.Dataset | tuple | None = None,
+        probe_data: Any = None,
         probe_batches: int = 8,
         per_layer: bool = False,
         histogram_freq: int = 0,
@@ -103,10 +121,11 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self.verbose = verbose
         self.records = []
         self.advice = None
+        self.advice_details = None
         self.mode = None
         self._writer = None
         self._probe = None
-        self._seen_batch_size = None
+        self._batch_size_seen = None
 
     # ------------------------------------------------------------------
     # Choosing the mode.
@@ -115,34 +134,34 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self.records = []
         self._batches = 0
         self._epoch = 0
+        self._latest = None
         self._probe_running = None
+        self._skipped_reported = 0
+        self._nonfinite_reported = set()
         optimizer = _pipeline_optimizer(self.model.optimizer)
-        self.mode = self._choose_mode(optimizer)
         self._optimizer = optimizer
+        self.mode = self._choose_mode(optimizer)
         if self.batch_size is None:
-            self._record_batch_size()
-        # Under a multi-worker strategy only the chief writes summaries.
-        strategy = self.model.distribute_strategy
-        if self.log_dir and strategy.extended.should_save_summary:
-            self._writer = tf.summary.create_file_writer(
+            self._batch_size_seen = backend_hooks.record_batch_size(self.model)
+        if self.log_dir and backend_hooks.writes_summaries(self.model):
+            self._writer = SummaryWriter(
                 os.path.join(self.log_dir, "gradients")
             )
+        self._skipped_reported = self._skipped()
 
     def _choose_mode(self, optimizer):
-        if optimizer is not None and optimizer.accumulation_steps >= 2:
-            try:
-                was_tracking = optimizer.track_gradient_statistics
-                optimizer.enable_gradient_statistics()
-            except ValueError as error:
-                if self.probe_data is None:
-                    raise ValueError(
-                        f"GradientVarianceMonitor cannot switch statistics "
-                        f"on: {error} Or pass probe_data=... to measure by "
-                        "probing."
-                    ) from error
-                return "probe"
-            if not was_tracking:
-                # Retrace, so that the update measures the statistics.
+        if optimizer is not None and optimizer.max_accumulation_steps >= 2:
+            retrace = not optimizer.track_gradient_statistics
+            optimizer.enable_gradient_statistics()
+            if self.histogram_freq and not optimizer._keeps_square_sums:
+                warnings.warn(
+                    "GradientVarianceMonitor(histogram_freq>0) needs the "
+                    "per-coordinate sums of squares, which this optimizer "
+                    "does not keep: histograms are written only with Adam's "
+                    "'micro' second moment.",
+                    stacklevel=3,
+                )
+            if retrace:
                 self.model.make_train_function(force=True)
             return "optimizer"
         if self.probe_data is None:
@@ -156,34 +175,13 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             )
         return "probe"
 
-    def _record_batch_size(self):
-        """Wraps `model.train_step` once per model to note the largest batch
-        `fit` feeds it (the batch size; a last, smaller batch does not
-        count), in-graph. The wrapper stays, so later fits reuse the traced
-        step instead of retracing it."""
-        seen = getattr(self.model, "_keras_gradtools_batch_size", None)
-        if seen is None:
-            seen = tf.Variable(0, dtype=tf.int32, trainable=False)
-            original = self.model.train_step
-
-            def train_step(data):
-                # Under a strategy each replica sees 1 / R of the batch.
-                replicas = tf.distribute.get_strategy().num_replicas_in_sync
-                x = data[0] if isinstance(data, (tuple, list)) else data
-                size = tf.shape(tf.nest.flatten(x)[0])[0] * replicas
-                seen.assign(tf.maximum(seen, size))
-                return original(data)
-
-            # object.__setattr__: neither is a model weight to track or save.
-            object.__setattr__(self.model, "_keras_gradtools_batch_size", seen)
-            object.__setattr__(self.model, "train_step", train_step)
-            self.model.make_train_function(force=True)
-        self._seen_batch_size = seen
-
     def on_train_end(self, logs=None):
         if self._writer is not None:
-            self._writer.flush()
-        self.advice = self._advice()
+            self._writer.close()
+            self._writer = None
+        details = self._advice()
+        self.advice_details = details
+        self.advice = None if details is None else details.text
         if self.advice and self.verbose:
             print(self.advice)
 
@@ -196,6 +194,7 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             self.update_freq != "epoch"
             and self._batches % self.update_freq == 0
         ):
+            backend_hooks.sync_state(self.model)
             values = self._measure(self._batches)
             if logs is not None:
                 logs.update(values)
@@ -204,15 +203,18 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self._epoch = epoch
         if self.update_freq == "epoch":
             values = self._measure(epoch)
-            if logs is not None:
-                logs.update(values)
+        else:
+            values = self._latest
+        if values is not None and logs is not None:
+            logs.update(values)
+        self._warn_about_skipped_micro_batches(epoch)
 
     def _micro_batch_size(self):
         if self.batch_size is not None:
             return self.batch_size
-        if self._seen_batch_size is not None:
-            seen = int(self._seen_batch_size.numpy())
-            if seen > 0:
+        if self._batch_size_seen is not None:
+            seen = self._batch_size_seen()
+            if seen:
                 return seen
         return None
 
@@ -229,20 +231,37 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             "grad_norm": stats["grad_norm"],
             "grad_snr": stats["snr"],
             "grad_noise_scale": scale * batch if batch else scale,
+            "grad_signal_resolved": stats["signal_resolved"],
         }
-        noise_std = self._noise_std()
-        if noise_std is not None:
-            values["noise_std"] = noise_std
         if self._optimizer is not None:
-            values["skipped_micro_batches"] = float(
-                self._optimizer.skipped_micro_batches.numpy()
-            )
-        updates = int(self.model.optimizer.iterations.numpy())
+            if self._optimizer.noise_eta > 0:
+                values["noise_std"] = float(
+                    ops_to_float(
+                        self._optimizer.gradient_statistics()["noise_std"]
+                    )
+                    if self.mode == "optimizer"
+                    else self._optimizer.noise_std
+                )
+            values["skipped_micro_batches"] = float(self._skipped())
+        updates = int(ops_to_int(self.model.optimizer.iterations))
         self.records.append(
-            {"step": step, "updates": updates, "batch_size": batch, **values}
+            {
+                "step": step,
+                "updates": updates,
+                "batch_size": batch,
+                "accumulation_steps": self._accumulation_steps(),
+                **values,
+            }
         )
+        self._latest = values
+        self._check_weights(updates)
         self._write(updates, values, per_variable, sums)
         return values
+
+    def _accumulation_steps(self):
+        if self._optimizer is None:
+            return 1
+        return self._optimizer.accumulation_steps
 
     def _from_optimizer(self):
         optimizer = self._optimizer
@@ -255,7 +274,8 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             "variance": float(running["variance"]),
             "noise_scale": float(running["noise_scale"]),
             "snr": float(running["snr"]),
-            "grad_norm": float(last["grad_norm"]),
+            "signal_resolved": float(running["signal_resolved"]),
+            "grad_norm": float(ops_to_float(last["grad_norm"])),
         }
         per_variable = {
             "variable_variance": running["variable_variance"],
@@ -264,24 +284,19 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         return stats, per_variable, self._slot_sums()
 
     def _slot_sums(self):
-        """The last complete cycle's mean and mean square, if the sums hold
-        one (right after an update they do, until the next micro-batch).
-
-        Under a strategy the sums add up the replicas' copies and, as in
-        the optimizer, each replica's gradient is a sample at 1 / R of the
-        batch (mean square R * S / k over k * R samples); the variance is
-        then R times that of a micro-batch, which `_write` divides out.
-        """
-        optimizer = self._optimizer
-        k = optimizer.accumulation_steps
-        if not optimizer._square_sums or int(optimizer.micro_steps.numpy()) % k:
+        """The last complete cycle's per-coordinate sums, if the optimizer
+        keeps the sums of squares and they hold one (right after an update
+        they do, until the next micro-batch): `(means, square sums, count,
+        samples per micro-batch)`."""
+        accumulator = self._optimizer._accumulator
+        if not accumulator.square_sums:
             return None
-        replicas = optimizer._sample_replicas
-        means = [_as_float64(g) / k for g in optimizer._gradient_sums]
-        squares = [
-            _as_float64(s) * replicas / k for s in optimizer._square_sums
-        ]
-        return means, squares, float(k * replicas), replicas
+        if int(ops_to_int(accumulator.position)) != 0:
+            return None
+        samples, _ = accumulator.cycle_samples_and_validity()
+        count = float(ops_to_int(accumulator.cycle_steps))
+        means = [keras.ops.divide(g, count) for g in accumulator.gradient_sums]
+        return means, accumulator.square_sums, count, samples
 
     def _from_probe(self):
         if self._probe is None:
@@ -300,37 +315,73 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
                 "weight": 0.0,
             }
         r = self._probe_running
-        decay = PROBE_SMOOTHING
         if math.isfinite(stats["variance"]) and math.isfinite(
             stats["mean_norm_sq"]
         ):
-            r["variance"] = (
-                decay * r["variance"] + (1 - decay) * stats["variance"]
-            )
-            r["mean_norm_sq"] = (
-                decay * r["mean_norm_sq"] + (1 - decay) * stats["mean_norm_sq"]
-            )
-            r["weight"] = decay * r["weight"] + (1 - decay)
+            for name, value in (
+                ("variance", stats["variance"]),
+                ("mean_norm_sq", stats["mean_norm_sq"]),
+                ("weight", 1.0),
+            ):
+                r[name] = (
+                    PROBE_SMOOTHING * r[name] + (1 - PROBE_SMOOTHING) * value
+                )
         if r["weight"] > 0:
             variance = r["variance"] / r["weight"]
             mean_norm_sq = r["mean_norm_sq"] / r["weight"]
-            stats = dict(stats)
-            stats["variance"] = variance
-            stats["noise_scale"] = (
-                variance / mean_norm_sq if mean_norm_sq > 0 else math.inf
+            noise_scale, snr, resolved = transforms.noise_scale_and_snr(
+                variance, mean_norm_sq, float(len(self._probe.batches))
             )
-            stats["snr"] = (
-                mean_norm_sq * len(self._probe.batches) / variance
-                if variance > 0
-                else math.inf
+            stats = dict(stats)
+            stats.update(
+                variance=variance,
+                noise_scale=float(noise_scale),
+                snr=float(snr),
+                signal_resolved=float(resolved),
             )
         return stats, per_variable, sums
 
-    def _noise_std(self):
+    # ------------------------------------------------------------------
+    # Warnings.
+
+    def _skipped(self):
         optimizer = self._optimizer
-        if optimizer is None or optimizer.noise_eta == 0:
-            return None
-        return float(optimizer.gradient_statistics()["noise_std"])
+        if optimizer is None or not optimizer.built:
+            return 0
+        return ops_to_int(optimizer.skipped_micro_batches)
+
+    def _warn_about_skipped_micro_batches(self, epoch):
+        if self._optimizer is None:
+            return
+        skipped = self._skipped()
+        new = skipped - self._skipped_reported
+        if new > 0:
+            warnings.warn(
+                f"Epoch {epoch + 1}: {new} micro-batch(es) had a non-finite "
+                f"gradient and were left out of the update "
+                f"(on_nonfinite='skip'); {skipped} so far in this fit.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._skipped_reported = skipped
+
+    def _check_weights(self, updates):
+        bad = [
+            v.path
+            for v in self.model.trainable_variables
+            if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
+        ]
+        new = sorted(set(bad) - self._nonfinite_reported)
+        if new:
+            warnings.warn(
+                f"After update {updates}, the weights {new} hold NaN or inf. "
+                "The gradients were finite (non-finite ones are skipped), so "
+                "the update rule itself diverged: lower the learning rate, "
+                "clip, or check the inner optimizer.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._nonfinite_reported.update(new)
 
     # ------------------------------------------------------------------
     # TensorBoard.
@@ -340,36 +391,40 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         update_freq settings and runs with different accumulation)."""
         if self._writer is None:
             return
+        writer = self._writer
         variables = self.model.trainable_variables
-        with self._writer.as_default(step=updates):
-            for name, value in values.items():
-                tf.summary.scalar(name, value)
-            if self.per_layer and per_variable is not None:
-                for i, variable in enumerate(variables):
-                    variance = float(per_variable["variable_variance"][i])
-                    mean_sq = float(per_variable["variable_mean_sq"][i])
-                    tf.summary.scalar(
-                        f"grad_variance/{variable.path}", variance
+        for name, value in values.items():
+            writer.scalar(name, value, updates)
+        if self.per_layer and per_variable is not None:
+            samples = self._averaged_count()
+            for i, variable in enumerate(variables):
+                variance = float(per_variable["variable_variance"][i])
+                mean_sq = float(per_variable["variable_mean_sq"][i])
+                writer.scalar(
+                    f"grad_variance/{variable.path}", variance, updates
+                )
+                if variance > 0:
+                    snr = max(mean_sq - variance / samples, 0.0) * samples
+                    writer.scalar(
+                        f"grad_snr/{variable.path}", snr / variance, updates
                     )
-                    if variance > 0:
-                        k = self._averaged_count()
-                        tf.summary.scalar(
-                            f"grad_snr/{variable.path}", mean_sq * k / variance
-                        )
-            histogram_due = (
-                self.histogram_freq
-                and self.update_freq == "epoch"
-                and self._epoch % self.histogram_freq == 0
-            )
-            if histogram_due and sums is not None:
-                means, squares, count, replicas = sums
-                for variable, g, q in zip(variables, means, squares):
-                    s2 = np.maximum(np.asarray(q) - np.asarray(g) ** 2, 0)
-                    s2 = s2 * count / max(count - 1, 1) / replicas
-                    tf.summary.histogram(
-                        f"grad_variance_per_coordinate/{variable.path}", s2
-                    )
-        self._writer.flush()
+        histogram_due = (
+            self.histogram_freq
+            and self.update_freq == "epoch"
+            and self._epoch % self.histogram_freq == 0
+        )
+        if histogram_due and sums is not None:
+            means, square_sums, count, samples = sums
+            for variable, g, q in zip(variables, means, square_sums):
+                variance = transforms.micro_batch_variance_from_sums(
+                    q, keras.ops.square(g), count, samples
+                )
+                writer.histogram(
+                    f"grad_variance_per_coordinate/{variable.path}",
+                    keras.ops.convert_to_numpy(variance),
+                    updates,
+                )
+        writer.flush()
 
     def _averaged_count(self):
         if self.mode == "optimizer":
@@ -380,71 +435,34 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
     # Advice.
 
     def _advice(self):
-        """One paragraph comparing the measured noise scale with the batch.
-
-        The noise scale grows as the loss falls (McCandlish et al. 2018),
-        so the advice uses its median over training and reports the range.
-        """
+        """Advice comparing the noise scale with the effective batch (see
+        `keras_gradtools.callbacks.advice`)."""
         if not self.records:
             return None
-        scales = [r["grad_noise_scale"] for r in self.records]
-        scale = float(np.median(scales))
         batch = self.records[-1]["batch_size"]
-        optimizer = _pipeline_optimizer(self.model.optimizer)
-        k = optimizer.accumulation_steps if optimizer is not None else 1
         if not batch:
-            return (
-                f"Gradient noise scale ~ {scale:.3g} micro-batches (median "
-                "over training; batch size unknown: pass batch_size= for "
-                "samples)."
-            )
-        effective = batch * k
-        unit = f"batch {effective}" + (f" ({k} x {batch})" if k > 1 else "")
-        history = (
-            f"Gradient noise scale B_simple: {_samples(scales[0])} at the "
-            f"start, {_samples(scales[-1])} at the end of training, median "
-            f"{_samples(scale)}"
+            return None
+        return advice_lib.batch_size_advice(
+            [r["grad_noise_scale"] for r in self.records],
+            [r["grad_signal_resolved"] == 1.0 for r in self.records],
+            micro_batch=batch,
+            accumulation_steps=self.records[-1]["accumulation_steps"],
         )
-        if not math.isfinite(scale):
-            return (
-                f"{history}: the mean gradient was mostly not measurably "
-                f"above the noise at {unit}; larger batches (accumulation) "
-                "or a smaller learning rate would average it out."
-            )
-        if scale > 2 * effective:
-            steps = max(2, math.ceil(scale / batch))
-            return (
-                f"{history}. {unit.capitalize()} is far below it: larger "
-                f"effective batches via accumulation_steps ~ {steps} would "
-                "train with fewer updates at little extra cost in samples."
-            )
-        if scale < 0.5 * effective:
-            steps = max(1, math.floor(scale / batch))
-            return (
-                f"{history}. {unit.capitalize()} is well above it: smaller "
-                f"effective batches (accumulation_steps ~ {steps}) would use "
-                "samples more efficiently."
-            )
-        return (
-            f"{history}. {unit.capitalize()} is close to it: a good "
-            "trade-off between updates and samples."
-        )
-
-
-def _samples(value):
-    return f"{value:.0f} samples" if math.isfinite(value) else "unbounded"
 
 
 def _pipeline_optimizer(optimizer):
     """The keras_gradtools optimizer inside `optimizer`, if any (Keras wraps
     optimizers in a LossScaleOptimizer under mixed precision)."""
-    inner = getattr(optimizer, "inner_optimizer", None)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = inner
+        optimizer = optimizer.inner_optimizer
     if isinstance(optimizer, GradientPipelineOptimizer):
         return optimizer
     return None
 
 
-def _as_float64(variable):
-    return np.asarray(variable.numpy(), dtype=np.float64)
+def ops_to_int(value):
+    return int(keras.ops.convert_to_numpy(value))
+
+
+def ops_to_float(value):
+    return float(keras.ops.convert_to_numpy(value))

@@ -1,8 +1,8 @@
 """Gradient statistics by probing: gradients of a few fixed batches at the
 current weights, for any optimizer (Keras's own included) and for K = 1."""
 
+import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from keras_gradtools import transforms
@@ -16,13 +16,14 @@ class GradientProbe:
     `fit` does), and derives the statistics of DESIGN.md §3 with the
     batches as the samples. It changes no weight, no optimizer state, no
     non-trainable variable (e.g. BatchNormalization statistics) and no
-    metric: everything it could touch is saved and put back.
+    metric: on JAX it runs statelessly, on TensorFlow everything it could
+    touch is saved and put back.
 
     Args:
         model: A compiled `keras.Model`.
-        data: A batched `tf.data.Dataset`, or a tuple `(x, y)` (or
-            `(x, y, sample_weight)`) of arrays split into `batches` batches
-            of `batch_size` samples.
+        data: A tuple `(x, y)` or `(x, y, sample_weight)` of arrays, split
+            into `batches` batches of `batch_size` samples, or an iterable
+            of such batches (e.g. a batched `tf.data.Dataset`).
         batches: Int >= 2, the number of probe batches.
         batch_size: The probe batch size for array data.
     """
@@ -30,110 +31,142 @@ class GradientProbe:
     def __init__(self, model, data, batches, batch_size=None):
         self.model = model
         self.batches = _take_batches(data, batches, batch_size)
-        self.batch_size = int(
-            tf.shape(tf.nest.flatten(self.batches[0][0])[0])[0]
-        )
-        self._gradients = tf.function(self._gradient_of_batch)
-
-    def _gradient_of_batch(self, x, y, sample_weight):
-        model = self.model
-        with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            loss = model._compute_loss(
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-        return tape.gradient(loss, model.trainable_variables)
+        first = keras.tree.flatten(self.batches[0][0])[0]
+        self.batch_size = int(np.shape(first)[0])
+        self._gradient_of_batch = _gradient_function(model)
 
     def measure(self):
         """Returns `(statistics, per_variable, sums)` at the current weights.
 
         `statistics`: dict of Python floats `variance`, `mean_norm_sq`,
-        `noise_scale` (in probe batches), `snr`, `grad_norm`.
-        `per_variable`: dict of NumPy vectors `variable_variance`,
-        `variable_mean_sq`. `sums`: the per-variable mean and mean square
-        (for histograms).
+        `noise_scale` (in probe batches), `snr`, `signal_resolved`,
+        `grad_norm`. `per_variable`: dict of NumPy vectors
+        `variable_variance`, `variable_mean_sq`. `sums`: the per-variable
+        means and sums of squares (for histograms), the count of batches
+        and the samples per batch (1).
         """
-        state = (
-            self.model.non_trainable_variables + self.model.metrics_variables
-        )
-        saved = [ops.copy(v) for v in state]
-        sums, squares = None, None
-        try:
-            for x, y, sample_weight in self.batches:
-                grads = [
-                    tf.zeros(v.shape, "float32")
-                    if g is None
-                    else tf.cast(tf.convert_to_tensor(g), "float32")
-                    for g, v in zip(
-                        self._gradients(x, y, sample_weight),
-                        self.model.trainable_variables,
-                    )
+        sums = squares = None
+        for x, y, sample_weight in self.batches:
+            grads = self._gradient_of_batch(x, y, sample_weight)
+            if sums is None:
+                sums = list(grads)
+                squares = [ops.square(g) for g in grads]
+            else:
+                sums = [ops.add(a, g) for a, g in zip(sums, grads)]
+                squares = [
+                    ops.add(a, ops.square(g)) for a, g in zip(squares, grads)
                 ]
-                if sums is None:
-                    sums, squares = grads, [g * g for g in grads]
-                else:
-                    sums = [a + g for a, g in zip(sums, grads)]
-                    squares = [a + g * g for a, g in zip(squares, grads)]
+        count = float(len(self.batches))
+        means = [ops.divide(s, count) for s in sums]
+        mean_norms = transforms.square_norms(means)
+        variances = [
+            transforms.micro_batch_variance_from_sums(
+                transforms.flat_sum(q), m, count
+            )
+            for q, m in zip(squares, mean_norms)
+        ]
+        stats = transforms.gradient_statistics_from_sums(
+            transforms.total(variances), transforms.total(mean_norms), count
+        )
+        statistics = {k: float(v) for k, v in stats.items()}
+        statistics["grad_norm"] = float(ops.sqrt(transforms.total(mean_norms)))
+        per_variable = {
+            "variable_variance": np.array([float(v) for v in variances]),
+            "variable_mean_sq": np.array([float(m) for m in mean_norms]),
+        }
+        return statistics, per_variable, (means, squares, count, 1.0)
+
+
+def _gradient_function(model):
+    """`(x, y, sample_weight) -> float32 gradients` of the training loss at
+    the model's current weights, leaving every variable as it was."""
+    if keras.backend.backend() == "jax":
+        return _jax_gradient_function(model)
+    return _tensorflow_gradient_function(model)
+
+
+def _tensorflow_gradient_function(model):
+    import tensorflow as tf
+
+    @tf.function
+    def gradients(x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(
+                x, y, y_pred, sample_weight, training=True
+            )
+        return [
+            tf.zeros(v.shape, "float32")
+            if g is None
+            else tf.cast(tf.convert_to_tensor(g), "float32")
+            for g, v in zip(
+                tape.gradient(loss, model.trainable_variables),
+                model.trainable_variables,
+            )
+        ]
+
+    def measure(x, y, sample_weight):
+        state = model.non_trainable_variables + model.metrics_variables
+        saved = [ops.copy(v) for v in state]
+        try:
+            return gradients(x, y, sample_weight)
         finally:
             for variable, value in zip(state, saved):
                 variable.assign(value)
-        count = float(len(self.batches))
-        means = [s / count for s in sums]
-        mean_squares = [q / count for q in squares]
-        parts = [
-            transforms.variance_and_square_norm(g, q, count)
-            for g, q in zip(means, mean_squares)
-        ]
-        variance = float(sum(float(p[0]) for p in parts))
-        norm_sq = float(sum(float(p[1]) for p in parts))
-        stats = transforms.gradient_statistics_from_sums(
-            variance, norm_sq, count
+
+    return measure
+
+
+def _jax_gradient_function(model):
+    import jax
+
+    def loss(trainable, non_trainable, metrics, optimizer, x, y, weight):
+        scaled, _ = model.compute_loss_and_updates(
+            trainable,
+            non_trainable,
+            metrics,
+            x,
+            y,
+            weight,
+            training=True,
+            optimizer_variables=optimizer,
         )
-        statistics = {k: float(v) for k, v in stats.items()}
-        statistics["grad_norm"] = float(np.sqrt(norm_sq))
-        per_variable = {
-            "variable_variance": np.array([float(p[0]) for p in parts]),
-            "variable_mean_sq": np.array([float(p[1]) for p in parts]),
-        }
-        return statistics, per_variable, (means, mean_squares, count, 1)
+        return scaled
+
+    gradient = jax.jit(jax.grad(loss))
+
+    def measure(x, y, sample_weight):
+        optimizer = model.optimizer
+        grads = gradient(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.metrics_variables],
+            [v.value for v in optimizer.variables],
+            x,
+            y,
+            sample_weight,
+        )
+        # The loss was scaled for mixed precision (`optimizer.scale_loss`).
+        scale = float(optimizer.scale_loss(ops.ones((), "float32")))
+        return [ops.cast(g, "float32") / scale for g in grads]
+
+    return measure
 
 
 def _take_batches(data, batches, batch_size):
-    if isinstance(data, tf.data.Dataset):
-        taken = [_unpack(item) for item in data.take(batches)]
-    else:
-        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+    if isinstance(data, (tuple, list)):
+        if len(data) not in (2, 3):
             raise ValueError(
-                "`probe_data` must be a batched tf.data.Dataset or a tuple "
-                f"(x, y) or (x, y, sample_weight). Received: {type(data)}"
+                "`probe_data` must be a tuple (x, y) or (x, y, sample_weight)"
+                f" of arrays, or an iterable of batches. Received a "
+                f"{type(data).__name__} of length {len(data)}."
             )
-        if batch_size is None:
-            raise ValueError(
-                "`probe_data` given as arrays needs a batch size: pass "
-                "`batch_size` to GradientVarianceMonitor."
-            )
-        arrays = list(data) + [None] * (3 - len(data))
-        size = len(tf.nest.flatten(arrays[0])[0])
-        if size < batches * batch_size:
-            raise ValueError(
-                f"`probe_data` holds {size} samples, fewer than probe_batches"
-                f" x batch_size = {batches} x {batch_size}."
-            )
-        taken = []
-        for i in range(batches):
-            part = slice(i * batch_size, (i + 1) * batch_size)
-            taken.append(
-                tuple(
-                    None
-                    if a is None
-                    else tf.nest.map_structure(lambda t, p=part: t[p], a)
-                    for a in arrays
-                )
-            )
+        return _split_arrays(data, batches, batch_size)
+    taken = []
+    for item in data:
+        if len(taken) == batches:
+            break
+        taken.append(_unpack(item))
     if len(taken) < batches:
         raise ValueError(
             f"`probe_data` yielded {len(taken)} batches; probe_batches="
@@ -142,7 +175,37 @@ def _take_batches(data, batches, batch_size):
     return taken
 
 
+def _split_arrays(data, batches, batch_size):
+    if batch_size is None:
+        raise ValueError(
+            "`probe_data` given as arrays needs a batch size: pass "
+            "`batch_size` to GradientVarianceMonitor."
+        )
+    arrays = list(data) + [None] * (3 - len(data))
+    size = len(keras.tree.flatten(arrays[0])[0])
+    if size < batches * batch_size:
+        raise ValueError(
+            f"`probe_data` holds {size} samples, fewer than probe_batches"
+            f" x batch_size = {batches} x {batch_size}."
+        )
+    taken = []
+    for i in range(batches):
+        part = slice(i * batch_size, (i + 1) * batch_size)
+        taken.append(
+            tuple(
+                None
+                if a is None
+                else keras.tree.map_structure(
+                    lambda t, p=part: np.asarray(t)[p], a
+                )
+                for a in arrays
+            )
+        )
+    return taken
+
+
 def _unpack(item):
+    item = keras.tree.map_structure(np.asarray, item)
     if isinstance(item, (tuple, list)):
         item = tuple(item) + (None,) * (3 - len(item))
         return item[:3]
