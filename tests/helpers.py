@@ -89,3 +89,7 @@ def frozen_linear_model(optimizer):
     )
     model.compile(optimizer=optimizer, loss="mse")
     return model
+
+
+ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
+ON_JAX = keras.backend.backend() == "jax"

@@ -105,8 +105,8 @@ def test_running_statistics_equal_float64_ema(rng):
 def _tensorboard_scalars(directory):
     """The scalar series and the other tensors (histograms) logged under
     `directory`."""
-    import tensorflow as tf
     from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
 
     accumulator = event_accumulator.EventAccumulator(
         str(directory), size_guidance={"tensors": 0}
@@ -115,7 +115,8 @@ def _tensorboard_scalars(directory):
     scalars, others = {}, {}
     for tag in accumulator.Tags()["tensors"]:
         values = [
-            tf.make_ndarray(e.tensor_proto) for e in accumulator.Tensors(tag)
+            tensor_util.make_ndarray(e.tensor_proto)
+            for e in accumulator.Tensors(tag)
         ]
         if all(v.ndim == 0 for v in values):
             scalars[tag] = [float(v) for v in values]
@@ -168,7 +169,7 @@ def test_tensorboard_events_alongside_keras_tensorboard(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert (
         "noise scale" in monitor.advice
-        and "Batch 128 (4 x 32)" in monitor.advice
+        and "effective batch 128 (4 x 32)" in monitor.advice
     )
 
 

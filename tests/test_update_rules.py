@@ -341,10 +341,15 @@ def test_noise_std_follows_schedule(eta, gamma, k):
         noise_eta=eta,
         noise_gamma=gamma,
         noise_seed=3,
+        track_gradient_statistics=True,
     )
     for t in range(5):
+        assert optimizer.noise_std == pytest.approx(
+            ref.noise_std(eta, gamma, t), rel=1e-6
+        )
         for _ in range(k):
             optimizer.apply([np.ones((3, 2), "float32")], variables)
+        # The statistics record the sigma the update used.
         np.testing.assert_allclose(
             float(optimizer.gradient_statistics()["noise_std"]),
             ref.noise_std(eta, gamma, t),

@@ -153,12 +153,7 @@ def check_equality(replica_counts):
                             int(single_opt.micro_steps.numpy()),
                             int(opt.micro_steps.numpy()),
                         ],
-                        noise_std=[
-                            float(
-                                single_opt.gradient_statistics()["noise_std"]
-                            ),
-                            float(opt.gradient_statistics()["noise_std"]),
-                        ],
+                        noise_std=[single_opt.noise_std, opt.noise_std],
                     )
 
 
@@ -303,7 +298,7 @@ def save_mid_cycle(directory):
         partial_sums = [
             float(np.sum(c))
             for c in strategy.experimental_local_results(
-                opt._gradient_sums[0].value
+                opt._accumulator.gradient_sums[0].value
             )
         ]
         with open(os.path.join(directory, f"{kind}_sums.json"), "w") as f:
@@ -356,7 +351,7 @@ def check_checkpoint(directory, replica_counts):
                     result["sums_restored"] = [
                         float(np.sum(c))
                         for c in target.experimental_local_results(
-                            restored_opt._gradient_sums[0].value
+                            restored_opt._accumulator.gradient_sums[0].value
                         )
                     ]
                     custom_loop(
