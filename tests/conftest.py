@@ -1,4 +1,12 @@
-"""Shared fixtures: quiet TensorFlow, a fresh Keras session per test."""
+"""Shared fixtures: quiet TensorFlow, a fresh Keras session per test, and
+the backend split.
+
+The suite runs once per Keras backend (`KERAS_BACKEND=tensorflow`, the
+default here, and `KERAS_BACKEND=jax`). Tests of what exists on one backend
+only (`tf.distribute`, `IndexedSlices`, graph assertions; `jax.jit` loops,
+`keras.distribution`) carry the marker `tensorflow_only` or `jax_only` and
+are deselected on the other backend, not skipped: nothing is missing there.
+"""
 
 import os
 
@@ -8,6 +16,38 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+BACKEND_MARKERS = {"tensorflow_only": "tensorflow", "jax_only": "jax"}
+# Whole modules of one backend, not even imported on the other (importing
+# TensorFlow into a JAX test run would be wasteful and hide a missing
+# `import tensorflow` guard).
+BACKEND_MODULES = {
+    "tensorflow": ["test_xla_and_fit.py", "test_distributed.py"],
+    "jax": ["test_jax.py", "test_jax_distribution.py"],
+}
+collect_ignore = [
+    module
+    for backend, modules in BACKEND_MODULES.items()
+    if backend != keras.backend.backend()
+    for module in modules
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = keras.backend.backend()
+    selected, deselected = [], []
+    for item in items:
+        wanted = {
+            BACKEND_MARKERS[m.name]
+            for m in item.iter_markers()
+            if m.name in BACKEND_MARKERS
+        }
+        (deselected if wanted and backend not in wanted else selected).append(
+            item
+        )
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from scripts.distributed_common import data
 from scripts.distributed_common import make_model
 from scripts.distributed_common import make_optimizer
 
+pytestmark = pytest.mark.tensorflow_only
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 # Weights are of order 1: float32 rounding of a few updates.
 FLOAT32_ROUNDING = 5e-7

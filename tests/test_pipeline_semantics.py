@@ -212,6 +212,7 @@ def test_on_nonfinite_raise_eagerly_names_the_variable(jit_compile, rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.tensorflow_only
 def test_on_nonfinite_raise_in_graphs(rng):
     import tensorflow as tf
 

@@ -5,7 +5,6 @@ for any shape, K, beta and clipping setting (hypothesis)."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from helpers import compiled_classifier
 from helpers import digits
 from helpers import tiny_classifier
@@ -37,9 +36,12 @@ def test_absent_variable_restarts_its_sums_each_cycle(rng):
     )
 
 
+@pytest.mark.tensorflow_only
 def test_sparse_embedding_gradients_equal_the_dense_computation():
     """Rows are scattered into the sums (repeated ids summed first); the
     result, statistics included, equals densifying every gradient."""
+    import tensorflow as tf
+
     ids = np.random.default_rng(0).integers(0, 20, size=(4, 8, 6))
     targets = np.random.default_rng(1).normal(size=(4, 8, 1)).astype("float32")
 

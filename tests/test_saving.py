@@ -55,6 +55,7 @@ def _fit(model, x, y):
     model.fit(x, y, batch_size=32, shuffle=False, verbose=0)
 
 
+@pytest.mark.tensorflow_only
 def test_tf_train_checkpoint_manager_restores_mid_cycle(tmp_path):
     import tensorflow as tf
 

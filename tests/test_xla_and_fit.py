@@ -13,6 +13,8 @@ from helpers import tiny_classifier
 
 import keras_gradtools as kg
 
+pytestmark = pytest.mark.tensorflow_only
+
 _LEARNING_RATE_TEXT = tf.Variable("0.01")
 
 

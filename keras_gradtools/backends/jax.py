@@ -39,6 +39,12 @@ def run_if(predicate, fn, state):
         fn: A function of no arguments whose effect is variable updates.
         state: Every `keras.Variable` that `fn` reads or writes.
     """
+    if not isinstance(predicate, jax.core.Tracer):
+        # Eager (jit_compile=False): the branch is known; a `lax.cond` here
+        # would be compiled anew on every call.
+        if bool(predicate):
+            fn()
+        return
     state = list(state)
     values = [v.value for v in state]
 

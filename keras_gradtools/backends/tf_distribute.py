@@ -139,7 +139,10 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables):
         # Clipping each micro-batch acts on the sum over replicas, after
         # the all-reduce of the update.
         local = driver.local_half(grads, indices, clip=False)
-        norms = local.norms if samples > 1 else None
+        # With the replicas as samples, their squared norms go along for
+        # the statistics (one more small all-reduce).
+        statistics = samples > 1 and optimizer.track_gradient_statistics
+        norms = local.norms if statistics else None
         context.merge_call(
             _update_from_replicas,
             args=(optimizer, local.grads, norms, indices),

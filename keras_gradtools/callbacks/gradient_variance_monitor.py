@@ -151,17 +151,15 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
 
     def _choose_mode(self, optimizer):
         if optimizer is not None and optimizer.max_accumulation_steps >= 2:
-            retrace = not optimizer.track_gradient_statistics
-            optimizer.enable_gradient_statistics()
-            if self.histogram_freq and not optimizer._keeps_square_sums:
-                warnings.warn(
-                    "GradientVarianceMonitor(histogram_freq>0) needs the "
-                    "per-coordinate sums of squares, which this optimizer "
-                    "does not keep: histograms are written only with Adam's "
-                    "'micro' second moment.",
-                    stacklevel=3,
-                )
-            if retrace:
+            before = len(optimizer.variables) if optimizer.built else None
+            tracking = optimizer.track_gradient_statistics
+            optimizer.enable_gradient_statistics(
+                per_coordinate=self.histogram_freq > 0
+            )
+            changed = not tracking or (
+                before is not None and len(optimizer.variables) != before
+            )
+            if changed:
                 self.model.make_train_function(force=True)
             return "optimizer"
         if self.probe_data is None:
@@ -293,7 +291,9 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             return None
         if int(ops_to_int(accumulator.position)) != 0:
             return None
-        samples, _ = accumulator.cycle_samples_and_validity()
+        samples, valid = accumulator.cycle_samples_and_validity()
+        if not bool(keras.ops.convert_to_numpy(valid)):
+            return None
         count = float(ops_to_int(accumulator.cycle_steps))
         means = [keras.ops.divide(g, count) for g in accumulator.gradient_sums]
         return means, accumulator.square_sums, count, samples

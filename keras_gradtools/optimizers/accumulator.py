@@ -89,13 +89,22 @@ class GradientAccumulator:
             ]
         if square_norm_sums:
             self.add_square_norm_sums(len(variables))
-        elif square_sums:
-            self._add_cycle_samples()
 
     @property
     def accumulates(self) -> bool:
         """Whether micro-batches are accumulated (max K above 1)."""
         return self.max_steps > 1
+
+    def add_square_sums(self, variables):
+        """Creates the per-coordinate Σg²."""
+        owner = self._owner
+        self.square_sums = [
+            None
+            if owner._overwrites_with_gradient(v)
+            else owner._add_state("square_sum", local=True, reference=v)
+            for v in variables
+        ]
+        self._add_cycle_samples()
 
     def add_square_norm_sums(self, count):
         """Creates the per-variable Σ|g|² (switching statistics on)."""

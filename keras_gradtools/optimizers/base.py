@@ -128,6 +128,9 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.track_gradient_statistics = bool(track_gradient_statistics)
         self.jit_compile = bool(jit_compile)
+        # Per-coordinate sums of squares for statistics (histograms), on top
+        # of the per-variable scalars: switched on by the monitor.
+        self._per_coordinate_statistics = False
         # Plain attributes, not tracked state (object.__setattr__ bypasses
         # Keras's tracker).
         object.__setattr__(self, "_backend", backends.current())
@@ -234,7 +237,9 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
 
     @property
     def _keeps_square_sums(self):
-        return self.max_accumulation_steps > 1 and self._reads_micro_variance
+        return self.max_accumulation_steps > 1 and (
+            self._reads_micro_variance or self._per_coordinate_statistics
+        )
 
     # ------------------------------------------------------------------
     # State.
@@ -668,7 +673,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
     # ------------------------------------------------------------------
     # Gradient statistics.
 
-    def enable_gradient_statistics(self) -> None:
+    def enable_gradient_statistics(self, per_coordinate: bool = False) -> None:
         """Switches `track_gradient_statistics` on, also after `build`.
 
         Used by `GradientVarianceMonitor` at the start of `fit`. The missing
@@ -678,25 +683,44 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         the next cycle (the current one's earlier micro-batches were not
         measured), unless the per-coordinate sums of squares already hold
         them.
+
+        Args:
+            per_coordinate: Also keep the per-coordinate sums of squares
+                (4 bytes per parameter) where the update rule does not, for
+                per-coordinate variances (the monitor's histograms).
         """
-        if self.track_gradient_statistics:
+        if self.track_gradient_statistics and (
+            self._keeps_square_sums or not per_coordinate
+        ):
             return
+        was_tracking = self.track_gradient_statistics
         self.track_gradient_statistics = True
+        had_square_sums = self._keeps_square_sums
+        self._per_coordinate_statistics |= bool(per_coordinate)
         if not self.built:
             return
         scope = contextlib.nullcontext()
         if self._strategy is not None:
             scope = self._strategy.scope()
         variables = private_api.trainable_variables(self)
+        accumulator = self._accumulator
         with scope:
-            object.__setattr__(
-                self, "_statistics", GradientStatistics(self, len(variables))
-            )
-            accumulator = self._accumulator
-            if accumulator.accumulates:
+            if not was_tracking:
+                object.__setattr__(
+                    self,
+                    "_statistics",
+                    GradientStatistics(self, len(variables)),
+                )
+            if not accumulator.accumulates:
+                return
+            position = int(ops.convert_to_numpy(accumulator.position))
+            if not had_square_sums and self._keeps_square_sums:
+                accumulator.add_square_sums(variables)
+                if position:
+                    accumulator.cycle_samples.assign(-1)
+            if not was_tracking:
                 accumulator.add_square_norm_sums(len(variables))
-                position = int(ops.convert_to_numpy(accumulator.position))
-                if position and accumulator.square_sums:
+                if position and had_square_sums:
                     accumulator.square_norm_sums.assign(
                         ops.stack(
                             [

@@ -304,11 +304,13 @@ class CycleDriver:
             clipped = optimizer._add_noise(clipped, indices, sigma)
         variances = [None] * len(means)
         if mean_squares is not None:
+            # W at the micro-batch size: samples at 1/R of it vary R times
+            # as much.
+            per_sample = ops.divide(1.0, ops.cast(samples, "float32"))
             variances = [
-                transforms.micro_batch_variance(q, g)
-                if c is None
-                else ops.multiply(
-                    ops.square(c), transforms.micro_batch_variance(q, g)
+                ops.multiply(
+                    transforms.micro_batch_variance(q, g),
+                    per_sample if c is None else per_sample * ops.square(c),
                 )
                 for q, g, c in zip(mean_squares, means, factors)
             ]

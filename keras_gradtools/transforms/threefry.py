@@ -92,20 +92,43 @@ def standard_normal(
 
     Args:
         count: Python int, the number of samples.
-        key: A pair of uint32 scalars.
+        key: A pair of uint32 scalars; `key[0]` below 2**31 (the optimizer's
+            seeds are), see `normal_from_bits`.
         stream: uint32 scalar, e.g. the update step.
 
     Returns:
         A float32 tensor of shape `(count,)`.
     """
-    return normal_from_bits(random_words(count, key, stream))
+    # Zero, but a runtime value the compiler cannot prove zero (the seed is
+    # below 2**31): see `_rounded`.
+    zero = ops.right_shift(ops.cast(key[0], "uint32"), 31)
+    return normal_from_bits(random_words(count, key, stream), zero)
 
 
-def normal_from_bits(bits: TensorLike) -> TensorLike:
+def normal_from_bits(bits: TensorLike, zero: TensorLike = None) -> TensorLike:
     """Maps uint32 random words to N(0, 1) samples by inverse transform:
     `z = sqrt(2) * erfinv(x)` of `x = open_uniform(bits)`, so |z| <= 5.3
-    (tails beyond: p = 1e-7)."""
-    return math.sqrt(2.0) * erfinv(open_uniform(bits))
+    (tails beyond: p = 1e-7).
+
+    Every operation is one IEEE float32 operation (or exact), so the
+    samples are bitwise the same on every backend, eagerly and compiled:
+    the logarithm is computed here rather than by the backend (whose
+    implementations differ in the last bit), and `zero` keeps XLA from
+    fusing a multiply and an add into one FMA (which rounds once instead of
+    twice).
+
+    Args:
+        bits: uint32 random words.
+        zero: A uint32 zero that the compiler cannot constant-fold (a value
+            known only at run time); `None` for a literal zero (then a
+            compiler that contracts multiply-adds, such as JAX's XLA, may
+            round the last bit differently).
+    """
+    if zero is None:
+        zero = ops.zeros((), "uint32")
+    # Rounded first: TensorFlow's graph optimizer would otherwise fold the
+    # constant into erfinv's last product.
+    return _rounded(erfinv(open_uniform(bits), zero), zero) * math.sqrt(2.0)
 
 
 def open_uniform(bits: TensorLike) -> TensorLike:
@@ -117,6 +140,64 @@ def open_uniform(bits: TensorLike) -> TensorLike:
     """
     top = ops.cast(ops.right_shift(bits, 9), "float32")
     return (top + 0.5) * 2.0**-22 - 1.0
+
+
+def _rounded(x: TensorLike, zero: TensorLike) -> TensorLike:
+    """`x`, a product, rounded to float32 where it stands.
+
+    An add that follows a multiply may be fused by the compiler into one
+    fused multiply-add, which rounds once where the separate operations
+    round twice (JAX's XLA does so inside fused loops), and a product by a
+    constant may be re-associated with the next one (TensorFlow's graph
+    optimizer does). Or-ing the product's bits with a run-time zero is a
+    no-op the compilers cannot see through, so each product is rounded on
+    its own everywhere.
+    """
+    return ops.view(ops.bitwise_or(ops.view(x, "uint32"), zero), "float32")
+
+
+def _horner(coefficients, x, zero):
+    result = coefficients[0]
+    for coefficient in coefficients[1:]:
+        result = _rounded(result * x, zero) + coefficient
+    return result
+
+
+# log(m) = 2 atanh(s), s = (m - 1) / (m + 1), for m in [sqrt(1/2), sqrt(2)):
+# 2s (1 + s**2/3 + s**4/5 + ...), |s| <= 0.1716; the terms kept reach
+# float32 precision (the next, s**12 / 13, is below 2e-9 relative).
+_LOG_SERIES = (1 / 11, 1 / 9, 1 / 7, 1 / 5, 1 / 3)
+# ln 2 as a sum: the first part has 12 significant bits, so its product
+# with an exponent of a float32 is exact.
+_LN2_HIGH = 0.693145751953125
+_LN2_LOW = 1.428606765330187e-06
+
+
+def log(x: TensorLike, zero: TensorLike) -> TensorLike:
+    """The natural logarithm of positive normal float32 `x`, from IEEE
+    operations only (bitwise the same on every backend; within 2 ulp).
+
+    Args:
+        x: float32 tensor, every element positive and normal.
+        zero: A run-time uint32 zero (see `_rounded`).
+    """
+    bits = ops.view(x, "uint32")
+    exponent = ops.cast(ops.right_shift(bits, 23), "int32") - 127
+    fraction = ops.bitwise_and(bits, ops.cast(0x007FFFFF, "uint32"))
+    mantissa = ops.view(
+        ops.bitwise_or(fraction, ops.cast(0x3F800000, "uint32")), "float32"
+    )
+    large = mantissa > math.sqrt(2.0)
+    mantissa = ops.where(large, mantissa * 0.5, mantissa)
+    exponent = ops.cast(exponent + ops.cast(large, "int32"), "float32")
+    s = (mantissa - 1.0) / (mantissa + 1.0)
+    z = _rounded(s * s, zero)
+    twice_s = s + s
+    series = _rounded(
+        _rounded(twice_s * z, zero) * _horner(_LOG_SERIES, z, zero), zero
+    )
+    low = _rounded(exponent * _LN2_LOW, zero) + (twice_s + series)
+    return exponent * _LN2_HIGH + low
 
 
 # M. Giles, "Approximating the erfinv function", GPU Computing Gems (2011):
@@ -146,33 +227,30 @@ _TAIL = (
 )
 
 
-def erfinv(x: TensorLike) -> TensorLike:
+def erfinv(x: TensorLike, zero: TensorLike = None) -> TensorLike:
     """The inverse error function on the open interval (-1, 1), float32.
 
     Giles's approximation, within 4e-7 of the exact value for the inputs
     `normal_from_bits` makes (tested against `scipy.special.erfinv`). It is
     the polynomial XLA's own `erfinv` evaluates, written out in `keras.ops`
-    so that it fuses into the noise: measured 1.5x cheaper than
-    `ops.erfinv` under XLA on CPU (which also handles x = +-1, an input
-    that never occurs here).
+    so that it fuses into the noise (measured 1.5x cheaper than
+    `ops.erfinv` under XLA on CPU, which also handles x = +-1, an input
+    that never occurs here) and rounds the same on every backend.
 
     Args:
         x: float32 tensor with every element strictly inside (-1, 1).
+        zero: A run-time uint32 zero (see `_rounded`), or `None`.
 
     Returns:
         `erfinv(x)`, same shape.
     """
+    if zero is None:
+        zero = ops.zeros((), "uint32")
     # Both branches from t = sqrt(w), w = t * t: with one intermediate
     # that two expressions read, XLA keeps one array where it kept w and
-    # sqrt(w) apart (measured 13% cheaper noise).
-    t = ops.sqrt(ops.negative(ops.log(ops.multiply(1.0 - x, 1.0 + x))))
-    central = _horner(_CENTRAL, t * t - 2.5)
-    tail = _horner(_TAIL, t - 3.0)
+    # sqrt(w) apart (measured 13% cheaper noise). (1 - x) and (1 + x) are
+    # exact for the inputs `open_uniform` makes.
+    t = ops.sqrt(ops.negative(log(ops.multiply(1.0 - x, 1.0 + x), zero)))
+    central = _horner(_CENTRAL, _rounded(t * t, zero) - 2.5, zero)
+    tail = _horner(_TAIL, t - 3.0, zero)
     return ops.multiply(ops.where(t < math.sqrt(5.0), central, tail), x)
-
-
-def _horner(coefficients, x):
-    result = coefficients[0]
-    for coefficient in coefficients[1:]:
-        result = result * x + coefficient
-    return result
