@@ -7,6 +7,8 @@ from keras_gradtools.version import __version__
 
 _check_supported()
 
+from keras_gradtools import distribute  # noqa: E402
+from keras_gradtools.callbacks import AdaptiveAccumulation  # noqa: E402
 from keras_gradtools.callbacks import GradientVarianceMonitor  # noqa: E402
 from keras_gradtools.optimizers import SGD  # noqa: E402
 from keras_gradtools.optimizers import Adam  # noqa: E402
@@ -17,6 +19,7 @@ from keras_gradtools.optimizers import wrap  # noqa: E402
 from keras_gradtools.plotting import plot_gradient_statistics  # noqa: E402
 
 __all__ = [
+    "AdaptiveAccumulation",
     "Adam",
     "AdamW",
     "GradientPipelineOptimizer",
@@ -24,6 +27,7 @@ __all__ = [
     "GradientVarianceMonitor",
     "SGD",
     "__version__",
+    "distribute",
     "plot_gradient_statistics",
     "wrap",
 ]

@@ -18,7 +18,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from helpers import ON_TENSORFLOW
 from keras import ops
 
 import keras_gradtools as kg
@@ -539,7 +538,7 @@ def test_kerass_own_optimizer_loses_state_where_ours_keeps_it():
 # TensorFlow only: sparse gradients and plain tf.Variables.
 
 
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="IndexedSlices are TF's")
+@pytest.mark.tensorflow_only  # IndexedSlices are TensorFlow's
 @pytest.mark.parametrize("name", OURS)
 def test_sparse_gradients_equal_the_twin(name):
     import tensorflow as tf
@@ -561,7 +560,7 @@ def test_sparse_gradients_equal_the_twin(name):
     )
 
 
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="tf.Variable is TF's")
+@pytest.mark.tensorflow_only  # tf.Variable is TensorFlow's
 def test_mixed_with_tf_variables():
     import tensorflow as tf
 

@@ -160,11 +160,14 @@ def test_fit_compiles_one_step_without_float64_or_host_calls():
     )
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
+    state = tuple(
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
     )
     batch = (x[:32], y[:32], None)
     text = jax.jit(model.train_step).lower(state, batch).compile().as_text()

@@ -286,6 +286,11 @@ def test_config_round_trip_is_the_identity(
     assert kg.AdamW.from_config(config).get_config() == config
 
 
+# On JAX, Keras's own trainer cannot freeze a layer between fits with the
+# same optimizer, for any optimizer: without recompiling, its
+# stateless_apply refuses the shorter variable list; recompiled, "Unable to
+# automatically build the model" (Keras 3.15).
+@pytest.mark.tensorflow_only
 def test_freeze_and_unfreeze_between_fits():
     x, y = digits(256)
     model = tiny_classifier()

@@ -161,6 +161,5 @@ def densify(gradient):
 def zero_if(predicate, variables):
     """Zeroes `variables` when `predicate` holds."""
     for variable in variables:
-        variable.assign(
-            ops.where(predicate, ops.zeros_like(variable), variable)
-        )
+        value = ops.convert_to_tensor(variable)
+        variable.assign(ops.where(predicate, ops.zeros_like(value), value))

@@ -165,3 +165,90 @@ def variable_layout(variable):
     """The `keras.distribution` layout a model variable was created with
     (what `add_variable_from_reference` gives its slots), or `None`."""
     return getattr(variable, "_layout", None)
+
+
+# ----------------------------------------------------------------------
+# `model.fit` under MultiWorkerMirroredStrategy (keras_gradtools.distribute).
+#
+# `TensorFlowTrainer._maybe_symbolic_build(iterator=None, data_batch=None)`
+# is what `fit` and `evaluate` call first; given an iterator it reduces the
+# first batch across workers (which MultiWorkerMirroredStrategy rejects)
+# before checking whether anything needs building. Given `data_batch`, it
+# builds from that batch's shapes without reducing.
+
+_SYMBOLIC_BUILD_PARAMETERS = (("iterator", None), ("data_batch", None))
+_SYMBOLIC_BUILD_RELIES_ON = "_symbolic_build(data_batch=data_batch)"
+
+
+def check_multi_worker_fit_internals(model) -> None:
+    """Raises a `RuntimeError` saying what differs if Keras's trainer is not
+    the one `skip_first_batch_reduction` was written against (Keras 3.15,
+    TensorFlow backend)."""
+    import inspect
+
+    problems = []
+    method = getattr(type(model), "_maybe_symbolic_build", None)
+    if method is None:
+        problems.append("Model._maybe_symbolic_build is gone")
+    else:
+        parameters = tuple(
+            (p.name, p.default)
+            for p in inspect.signature(method).parameters.values()
+            if p.name != "self"
+        )
+        if parameters != _SYMBOLIC_BUILD_PARAMETERS:
+            problems.append(
+                f"Model._maybe_symbolic_build takes {parameters}, not "
+                f"{_SYMBOLIC_BUILD_PARAMETERS}"
+            )
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):
+            source = ""
+        if _SYMBOLIC_BUILD_RELIES_ON not in source:
+            problems.append(
+                "Model._maybe_symbolic_build no longer calls "
+                f"{_SYMBOLIC_BUILD_RELIES_ON}"
+            )
+    for name in ("train_step", "test_step"):
+        step = getattr(model, name, None)
+        if step is None or list(inspect.signature(step).parameters) != ["data"]:
+            problems.append(f"model.{name} is not `{name}(data)`")
+    if problems:
+        raise RuntimeError(
+            "keras_gradtools.distribute.enable_multi_worker_fit was written "
+            f"against Keras 3.15's TensorFlow trainer; Keras "
+            f"{keras.__version__} differs: {'; '.join(problems)}. Check "
+            "whether plain `model.fit` now works under "
+            "MultiWorkerMirroredStrategy "
+            "(keras_fit_fails_under_multi_worker)."
+        )
+
+
+def skip_first_batch_reduction(model, strategy) -> None:
+    """Makes this model's `_maybe_symbolic_build` build from this worker's
+    part of the first batch (`data_batch=`) instead of reducing the batch
+    across workers (`iterator=`). Shapes and dtypes are all it reads."""
+    import tensorflow as tf
+
+    original = model._maybe_symbolic_build
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None and data_batch is None:
+            # The first batch of the epoch, as Keras takes it (`fit` resets
+            # the iterator right after).
+            for _, _, batches in iterator:
+                data_batch = next(batches)
+                break
+        if data_batch is not None:
+            data_batch = keras.tree.map_structure(
+                lambda v: (
+                    strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues)
+                    else v
+                ),
+                data_batch,
+            )
+        return original(iterator=None, data_batch=data_batch)
+
+    object.__setattr__(model, "_maybe_symbolic_build", maybe_symbolic_build)

@@ -261,7 +261,7 @@ class ReplicatedPlacement(LocalPlacement):
         if inner is not None:
             self._apply_inner(optimizer, inner, grads, variables)
             return
-        learning_rate = optimizer.learning_rate
+        learning_rate = optimizer._scaled_learning_rate()
         extended = self.strategy.extended
         for grad, variable, variance in zip(grads, variables, variances):
             extended.update(

@@ -1,9 +1,17 @@
 """Callbacks: the gradient-variance monitor, its probe and advice."""
 
+from keras_gradtools.callbacks.adaptive_accumulation import (
+    AdaptiveAccumulation,
+)
 from keras_gradtools.callbacks.advice import BatchSizeAdvice
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     GradientVarianceMonitor,
 )
 from keras_gradtools.callbacks.probe import GradientProbe
 
-__all__ = ["BatchSizeAdvice", "GradientProbe", "GradientVarianceMonitor"]
+__all__ = [
+    "AdaptiveAccumulation",
+    "BatchSizeAdvice",
+    "GradientProbe",
+    "GradientVarianceMonitor",
+]

@@ -63,6 +63,11 @@ class GradientAccumulator:
         self.steps = owner._add_state(
             "accumulation_steps", dtype="int32", initial=steps
         )
+        # What the update multiplies the learning rate by: set with K (by
+        # AdaptiveAccumulation) when the effective batch changes.
+        self.learning_rate_factor = owner._add_state(
+            "learning_rate_factor", initial=1.0
+        )
         self.cycle_steps = owner._add_state(
             "cycle_steps", dtype="int32", initial=steps
         )

@@ -183,6 +183,45 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             self._accumulator.steps.assign(steps)
 
     @property
+    def learning_rate_factor(self) -> float:
+        """What each update multiplies the learning rate (or its schedule's
+        value) by: 1 unless set, e.g. by `AdaptiveAccumulation` when it
+        changes the effective batch. Settable during training when
+        `max_accumulation_steps > 1`."""
+        if self._accumulator is None or not self._accumulator.accumulates:
+            return 1.0
+        return float(
+            ops.convert_to_numpy(self._accumulator.learning_rate_factor)
+        )
+
+    @learning_rate_factor.setter
+    def learning_rate_factor(self, factor: float) -> None:
+        factor = validation.check_float(
+            "learning_rate_factor", factor, minimum=0.0, open_min=True
+        )
+        self._require_built("learning_rate_factor")
+        if not self._accumulator.accumulates:
+            raise ValueError(
+                "`learning_rate_factor` can be set on an optimizer created "
+                "with max_accumulation_steps > 1 (the factor follows the "
+                "effective batch); set `learning_rate` instead."
+            )
+        self._accumulator.learning_rate_factor.assign(factor)
+
+    def _scaled_learning_rate(self):
+        """The learning rate of this update: the rate (or its schedule's
+        value at `iterations`) times `learning_rate_factor`."""
+        learning_rate = self.learning_rate
+        if self._accumulator is not None and self._accumulator.accumulates:
+            factor = ops.convert_to_tensor(
+                self._accumulator.learning_rate_factor
+            )
+            learning_rate = ops.multiply(
+                ops.cast(learning_rate, "float32"), factor
+            )
+        return learning_rate
+
+    @property
     def gradient_accumulation_steps(self) -> int:
         """Keras's name for `accumulation_steps` (readable and settable)."""
         return self.accumulation_steps
@@ -553,7 +592,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
     def _apply_rule(self, grads, variables, micro_variances):
         """Weight decay and the update rule for each variable, the weights'
         moving average, then the variables' constraints (Keras's order)."""
-        learning_rate = self.learning_rate
+        learning_rate = self._scaled_learning_rate()
         for grad, variable, variance in zip(grads, variables, micro_variances):
             self._apply_rule_to_variable(
                 grad, variable, learning_rate, variance

@@ -25,6 +25,7 @@ ROLE_ORDER = (
     "micro_steps",
     "skipped_micro_batches",
     "accumulation_steps",
+    "learning_rate_factor",
     "cycle_steps",
     "cycle_position",
     "cycle_micro_batches",

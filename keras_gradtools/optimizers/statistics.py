@@ -38,14 +38,17 @@ class GradientStatistics:
     """
 
     def __init__(self, owner, variable_count):
-        nan = float("nan")
         self._variable_count = variable_count
+        # Zeros, not NaN, until measured (`snapshot` reads NaN then): JAX
+        # checks that a multi-process run starts every process from equal
+        # values, and NaN equals nothing.
         self.last = {
-            name: owner._add_state(
-                f"statistic_{name}", role="statistic", initial=nan
-            )
+            name: owner._add_state(f"statistic_{name}", role="statistic")
             for name in STATISTICS
         }
+        self.recorded = owner._add_state(
+            "statistic_updates", role="statistic", dtype="int32"
+        )
         self.running = {
             name: owner._add_state(f"running_{name}", role="running_statistic")
             for name in _RUNNING
@@ -100,6 +103,7 @@ class GradientStatistics:
         """Writes a measurement (through `optimizer.assign`, so that a
         gated update records nothing when it is skipped)."""
         assign = optimizer.assign
+        assign(self.recorded, ops.add(self.recorded, 1))
         assign(
             self.last["noise_std"],
             ops.zeros(()) if sigma is None else sigma,
@@ -140,8 +144,14 @@ class GradientStatistics:
             smooth(self.running[name], value)
 
     def snapshot(self):
-        """A copy of the last update's statistics (float32 scalars)."""
-        return {name: ops.copy(v) for name, v in self.last.items()}
+        """A copy of the last update's statistics (float32 scalars; NaN
+        before the first update has recorded them)."""
+        recorded = ops.greater(ops.convert_to_tensor(self.recorded), 0)
+        nan = ops.cast(float("nan"), "float32")
+        return {
+            name: ops.where(recorded, ops.convert_to_tensor(v), nan)
+            for name, v in self.last.items()
+        }
 
     def running_averages(self, accumulation_steps):
         """Bias-corrected running averages, with the noise scale and SNR as

@@ -119,6 +119,22 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
     def learning_rate(self, learning_rate):
         self.inner_optimizer.learning_rate = learning_rate
 
+    @property
+    def learning_rate_factor(self) -> float:
+        """Always 1: the inner optimizer owns its learning rate."""
+        return 1.0
+
+    @learning_rate_factor.setter
+    def learning_rate_factor(self, factor: float) -> None:
+        raise ValueError(
+            "A wrapped optimizer keeps its own learning rate: set "
+            "`wrapper.learning_rate` (the inner optimizer's) instead of "
+            "`learning_rate_factor`."
+        )
+
+    def _scaled_learning_rate(self):
+        return self.learning_rate
+
     def _apply_rule(self, grads, variables, micro_variances):
         del micro_variances
         self.inner_optimizer.apply(grads, variables)

@@ -447,5 +447,9 @@ if __name__ == "__main__":
         "monitor": lambda: check_monitor(directory),
         "clip_after_sum": check_clip_after_sum,
     }
+    import time
+
     for check in checks:
+        start = time.perf_counter()
         runs[check]()
+        print(f"TIMING {check} {time.perf_counter() - start:.1f}s", flush=True)

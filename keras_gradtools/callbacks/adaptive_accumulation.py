@@ -1,0 +1,301 @@
+"""AdaptiveAccumulation: an effective batch that follows the gradient noise
+scale.
+
+McCandlish et al. (2018) show that the most efficient batch size tracks the
+gradient noise scale B_simple, which grows as the loss falls. The optimizer's
+sums already measure it (`running_gradient_statistics`); this callback sets
+the number of accumulated micro-batches K so that the effective batch K * M
+follows it, without retracing the step (K is optimizer state), and scales
+the learning rate with the effective batch by the rule the user picks.
+"""
+
+import math
+import os
+import warnings
+from typing import Literal
+
+import keras
+import numpy as np
+
+from keras_gradtools.callbacks import backend_hooks
+from keras_gradtools.callbacks.gradient_variance_monitor import (
+    _pipeline_optimizer,
+)
+from keras_gradtools.callbacks.summary_writer import SummaryWriter
+from keras_gradtools.optimizers import validation
+
+LEARNING_RATE_RULES = ("sqrt", "linear", "adascale", None)
+
+
+def target_steps(
+    noise_scale, micro_batch, current, min_steps, max_steps, hysteresis
+):
+    """The K to use, from the measured noise scale.
+
+    The target is `K* = B_simple / M` micro-batches. K moves on a grid of
+    powers of two, to the one nearest to K* (in log scale) within
+    `[min_steps, max_steps]`, and only when K* is off from the current K by
+    more than the factor `hysteresis`: an estimate wobbling around a grid
+    point does not make K flap.
+
+    Args:
+        noise_scale: B_simple in samples (a lower bound counts as its
+            value: the batch should grow at least that far).
+        micro_batch: M, samples per micro-batch (global).
+        current: The current K.
+        min_steps, max_steps: The range of K.
+        hysteresis: Float > 1.
+
+    Returns:
+        The new K (an int; `current` when nothing changes).
+    """
+    if not math.isfinite(noise_scale) or noise_scale <= 0:
+        return current
+    wanted = noise_scale / micro_batch
+    ratio = wanted / current
+    if max(ratio, 1 / ratio) <= hysteresis:
+        return current
+    candidate = 2 ** round(math.log2(max(wanted, 1.0)))
+    return int(min(max(candidate, min_steps), max_steps))
+
+
+def learning_rate_factor(rule, steps, base_steps, variance, mean_norm_sq):
+    """The factor on the learning rate at K micro-batches, relative to the
+    K it was tuned for (`base_steps`).
+
+    - `"linear"`: K / K0 (Goyal et al., 2017).
+    - `"sqrt"`: sqrt(K / K0) (Krizhevsky, 2014; Hoffer et al., 2017).
+    - `"adascale"`: the gain ratio of Johnson et al. (2020),
+      r = (tr Σ / K0 + |E g|²) / (tr Σ / K + |E g|²), with tr Σ the variance of
+      one micro-batch gradient: 1 while noise is negligible, K / K0 when it
+      dominates.
+    - `None`: 1.
+    """
+    scale = steps / base_steps
+    if rule is None:
+        return 1.0
+    if rule == "linear":
+        return scale
+    if rule == "sqrt":
+        return math.sqrt(scale)
+    signal = max(mean_norm_sq, 0.0)
+    if not (math.isfinite(variance) and math.isfinite(signal)):
+        return 1.0
+    numerator = variance / base_steps + signal
+    denominator = variance / steps + signal
+    if denominator <= 0:
+        return 1.0
+    return float(min(max(numerator / denominator, 1.0), scale))
+
+
+class AdaptiveAccumulation(keras.callbacks.Callback):
+    """Sets `accumulation_steps` so that the effective batch follows the
+    gradient noise scale.
+
+    At every `update_freq`, it reads the optimizer's running gradient
+    statistics (switching them on at the start of `fit` if needed: they cost
+    a few reductions inside the update), computes the noise scale B_simple
+    in samples, and moves K towards `B_simple / M` (M: the micro-batch, the
+    global batch under distribution) on a grid of powers of two within
+    `[min_steps, max_steps]`, with hysteresis. The new K takes effect when
+    the next accumulation cycle starts; the compiled step is not retraced.
+    The learning rate is multiplied by a factor that follows the effective
+    batch (`learning_rate_rule`); learning-rate schedules keep advancing one
+    step per update, whatever K, and the factor multiplies their value.
+
+    `accumulation_steps` and `learning_rate_factor` are optimizer state:
+    saved with the model, restored by `BackupAndRestore`, identical on every
+    replica and device. They appear in the logs (so in `History`) and, with
+    `log_dir`, in TensorBoard under `log_dir/gradients` next to the
+    monitor's scalars.
+
+    Args:
+        max_steps: Int >= 2, the largest K; at most the optimizer's
+            `max_accumulation_steps` (declared when it is created: the sums
+            exist from `build`).
+        min_steps: Int >= 2, the smallest K (defaults to 2): the noise
+            scale is measured from the micro-batches of each update, so an
+            update needs at least two. K starts there if it is below.
+        learning_rate_rule: `"sqrt"` (default), `"linear"`, `"adascale"` or
+            `None`; see `learning_rate_factor`. The learning rate given to
+            the optimizer is taken as tuned for the K at the start of `fit`.
+        hysteresis: Float > 1, defaults to 2: K changes only when
+            B_simple / M is off from it by more than this factor.
+        update_freq: `"epoch"` (default) or an int N: adapt every N batches.
+        log_dir: Optional directory for TensorBoard.
+        verbose: 0 or 1 (print each change).
+
+    Example:
+
+    >>> optimizer = keras_gradtools.Adam(1e-3, max_accumulation_steps=64)
+    >>> model.compile(optimizer=optimizer, loss="mse")
+    >>> model.fit(x, y, batch_size=32, epochs=20,
+    ...           callbacks=[keras_gradtools.AdaptiveAccumulation(64)])
+    """
+
+    def __init__(
+        self,
+        max_steps: int,
+        min_steps: int = 2,
+        learning_rate_rule: Literal["sqrt", "linear", "adascale"]
+        | None = "sqrt",
+        hysteresis: float = 2.0,
+        update_freq: Literal["epoch"] | int = "epoch",
+        log_dir: str | os.PathLike | None = None,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__()
+        self.max_steps = validation.check_int("max_steps", max_steps, 2)
+        self.min_steps = validation.check_int(
+            "min_steps", min_steps, 2, self.max_steps
+        )
+        self.learning_rate_rule = validation.check_choice(
+            "learning_rate_rule", learning_rate_rule, LEARNING_RATE_RULES
+        )
+        self.hysteresis = validation.check_float(
+            "hysteresis", hysteresis, minimum=1.0, open_min=True
+        )
+        if update_freq != "epoch":
+            update_freq = validation.check_int("update_freq", update_freq, 1)
+        self.update_freq = update_freq
+        self.log_dir = log_dir
+        self.verbose = verbose
+        self.history = []
+
+    def on_train_begin(self, logs=None):
+        optimizer = _pipeline_optimizer(self.model.optimizer)
+        if optimizer is None:
+            raise ValueError(
+                "AdaptiveAccumulation needs a keras_gradtools optimizer (its "
+                "sums measure the noise scale and hold K); the model's is "
+                f"{type(self.model.optimizer).__name__}."
+            )
+        if self.max_steps > optimizer.max_accumulation_steps:
+            raise ValueError(
+                f"AdaptiveAccumulation(max_steps={self.max_steps}) exceeds "
+                "the optimizer's max_accumulation_steps="
+                f"{optimizer.max_accumulation_steps}: create the optimizer "
+                f"with max_accumulation_steps={self.max_steps} (the sums "
+                "must exist from the start)."
+            )
+        if self.learning_rate_rule is not None and hasattr(
+            optimizer, "inner_optimizer"
+        ):
+            raise ValueError(
+                "A wrapped optimizer keeps its own learning rate: use "
+                "AdaptiveAccumulation(learning_rate_rule=None) with wrap(...)."
+            )
+        self._optimizer = optimizer
+        if not optimizer.track_gradient_statistics:
+            optimizer.enable_gradient_statistics()
+            self.model.make_train_function(force=True)
+        self._batch_size = backend_hooks.record_batch_size(self.model)
+        self._base_steps = optimizer.accumulation_steps
+        if optimizer.accumulation_steps < self.min_steps:
+            optimizer.accumulation_steps = self.min_steps
+        self._batches = 0
+        self._warned_at_max = False
+        self._writer = None
+        if self.log_dir and backend_hooks.writes_summaries(self.model):
+            self._writer = SummaryWriter(
+                os.path.join(self.log_dir, "gradients")
+            )
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if (
+            self.update_freq != "epoch"
+            and self._batches % self.update_freq == 0
+        ):
+            backend_hooks.sync_state(self.model)
+            values = self._adapt(self._batches)
+            if logs is not None:
+                logs.update(values)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.update_freq == "epoch":
+            values = self._adapt(epoch)
+        else:
+            values = self._state()
+        if logs is not None:
+            logs.update(values)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _state(self):
+        return {
+            "accumulation_steps": float(self._optimizer.accumulation_steps),
+            "learning_rate_factor": self._optimizer.learning_rate_factor,
+        }
+
+    def _adapt(self, step):
+        optimizer = self._optimizer
+        micro_batch = self._batch_size()
+        running = optimizer.running_gradient_statistics()
+        noise_scale = float(np.asarray(running["noise_scale"]))
+        variance = float(np.asarray(running["variance"]))
+        mean_norm_sq = float(np.asarray(running["mean_norm_sq"]))
+        current = optimizer.accumulation_steps
+        if micro_batch and math.isfinite(noise_scale):
+            steps = target_steps(
+                noise_scale * micro_batch,
+                micro_batch,
+                current,
+                self.min_steps,
+                self.max_steps,
+                self.hysteresis,
+            )
+        else:
+            steps = current
+        factor = learning_rate_factor(
+            self.learning_rate_rule,
+            steps,
+            self._base_steps,
+            variance,
+            mean_norm_sq,
+        )
+        if steps != current:
+            optimizer.accumulation_steps = steps
+            if self.verbose:
+                print(
+                    f"AdaptiveAccumulation: accumulation_steps {current} -> "
+                    f"{steps} (B_simple ~ {noise_scale * micro_batch:.0f} "
+                    f"samples, micro-batch {micro_batch}); learning rate x "
+                    f"{factor:.3g}"
+                )
+        if self.learning_rate_rule is not None:
+            optimizer.learning_rate_factor = factor
+        values = self._state()
+        updates = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self.history.append(
+            {
+                "step": step,
+                "updates": updates,
+                "noise_scale": noise_scale * micro_batch
+                if micro_batch
+                else float("nan"),
+                **values,
+            }
+        )
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.scalar(name, value, updates)
+            self._writer.flush()
+        if (
+            not self._warned_at_max
+            and steps == self.max_steps
+            and micro_batch
+            and noise_scale > 2 * steps
+        ):
+            self._warned_at_max = True
+            warnings.warn(
+                f"AdaptiveAccumulation: the noise scale "
+                f"({noise_scale * micro_batch:.0f} samples) is above the "
+                f"largest effective batch allowed ({steps} x {micro_batch}); "
+                "a larger max_steps would follow it further.",
+                stacklevel=2,
+            )
+        return values

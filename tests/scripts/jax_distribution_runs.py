@@ -1,0 +1,361 @@
+"""`keras.distribution` on JAX with N forced CPU devices.
+
+    python jax_distribution_runs.py DEVICES CHECKS OUT_DIR
+
+Sets `--xla_force_host_platform_device_count=DEVICES` before JAX starts,
+runs each comma-separated check and prints one `RESULT {json}` line per
+result. Checks:
+
+- `data_parallel`: `model.fit` under `DataParallel` for every optimizer and
+  K in {1, 4}, noise and global-norm clipping on, against one device on the
+  same global batches; every device's copy of every variable compared.
+- `collectives`: the collective operations of the compiled train step,
+  outside and inside its conditional (the update), for ours and Keras's.
+- `model_parallel`: `ModelParallel` on a 2 x (DEVICES/2) mesh with a
+  `LayoutMap`: the optimizer's slots take their variable's layout; the
+  result equals one device.
+- `save`: a mid-cycle `.keras` file saved under `DataParallel`, and the
+  weights of carrying on without stopping.
+- `restore`: that file loaded here (any device count) and carried on.
+- `monitor`: `GradientVarianceMonitor` on the known noise scale.
+"""
+
+import json
+import os
+import sys
+
+devices, checks, out_dir = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_gradtools as kg  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import frozen_linear_model  # noqa: E402
+from helpers import linear_regression  # noqa: E402
+
+COMMON = dict(noise_eta=0.01, noise_seed=7, global_clipnorm=0.5)
+GLOBAL_BATCH = 16
+
+
+def report(**fields):
+    print("RESULT " + json.dumps(fields), flush=True)
+
+
+def make_optimizer(kind, k):
+    common = dict(COMMON, accumulation_steps=k)
+    return {
+        "sgd": lambda: kg.SGD(0.05, momentum=0.9, **common),
+        "adam_macro": lambda: kg.Adam(0.05, second_moment="macro", **common),
+        "adam_micro": lambda: kg.Adam(
+            0.05,
+            second_moment="micro",
+            track_gradient_statistics=True,
+            **common,
+        ),
+        "adamw": lambda: kg.AdamW(0.05, weight_decay=0.1, **common),
+        "wrap_rmsprop": lambda: kg.wrap(
+            keras.optimizers.RMSprop(0.01), **common
+        ),
+    }[kind]()
+
+
+KINDS = ("sgd", "adam_macro", "adam_micro", "adamw", "wrap_rmsprop")
+
+
+def data(samples=128, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, 8)).astype("float32")
+    w = rng.normal(size=(8, 2))
+    y = np.tanh(x @ w) + 0.1 * rng.normal(size=(samples, 2))
+    return x, y.astype("float32")
+
+
+def make_model(optimizer):
+    rng = np.random.default_rng(1)
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, activation="tanh", name="dense_a")(inputs)
+    outputs = keras.layers.Dense(2, name="dense_b")(hidden)
+    model = keras.Model(inputs, outputs)
+    model.set_weights(
+        [0.3 * rng.normal(size=w.shape) for w in model.get_weights()]
+    )
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=True)
+    return model
+
+
+def fit(model, x, y, epochs=2):
+    model.fit(
+        x, y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0
+    )
+
+
+def train(distribution, kind, k, x, y, epochs=2):
+    keras.distribution.set_distribution(distribution)
+    model = make_model(make_optimizer(kind, k))
+    fit(model, x, y, epochs)
+    keras.distribution.set_distribution(None)
+    return model
+
+
+def max_difference(a, b):
+    return max(float(np.max(np.abs(np.subtract(u, v)))) for u, v in zip(a, b))
+
+
+def differing_copies(model):
+    """Variables whose copies on the devices differ (replicated ones)."""
+    differing = []
+    for v in model.variables + model.optimizer.variables:
+        shards = v.value.addressable_shards
+        if len(shards) < 2 or any(s.index != shards[0].index for s in shards):
+            continue
+        first = np.asarray(shards[0].data)
+        if any(
+            not np.array_equal(np.asarray(s.data), first, equal_nan=True)
+            for s in shards
+        ):
+            differing.append(v.path)
+    return differing
+
+
+def check_data_parallel():
+    x, y = data()
+    kinds = KINDS if devices == 2 else ("adam_micro", "sgd")
+    for kind in kinds:
+        for k in (1, 4):
+            single = train(None, kind, k, x, y)
+            distributed = train(
+                keras.distribution.DataParallel(), kind, k, x, y
+            )
+            report(
+                check="data_parallel",
+                devices=devices,
+                kind=kind,
+                k=k,
+                max_abs_difference=max_difference(
+                    single.get_weights(), distributed.get_weights()
+                ),
+                differing_copies=differing_copies(distributed),
+                iterations=int(distributed.optimizer.iterations.numpy()),
+                noise_std=[
+                    single.optimizer.noise_std,
+                    distributed.optimizer.noise_std,
+                ],
+            )
+
+
+def collective_counts(model, x, y):
+    """All-reduce and other collectives of the compiled step: in the main
+    computation (every micro-batch) and in conditional branches (the
+    update, once per cycle)."""
+    state = tuple(
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
+    )
+    batch = jax.device_put(
+        (x[:GLOBAL_BATCH], y[:GLOBAL_BATCH]),
+        keras.distribution.distribution()
+        .get_data_layout((GLOBAL_BATCH, 8))
+        .backend_layout,
+    )
+    text = (
+        jax.jit(model.train_step, donate_argnums=0)
+        .lower(state, (batch[0], batch[1], None))
+        .compile()
+        .as_text()
+    )
+    return _count_collectives(text)
+
+
+COLLECTIVES = (
+    "all-reduce",
+    "reduce-scatter",
+    "all-gather",
+    "collective-permute",
+)
+
+
+def _count_collectives(text):
+    """Counts collective ops per computation, then attributes them to the
+    entry computation or to branches of a conditional."""
+    computations, name = {}, None
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and "{" in line:
+            name = line.split("(")[0].split()[-1].lstrip("%")
+            computations[name] = []
+        elif name is not None:
+            computations[name].append(line)
+    branches = set()
+    for lines in computations.values():
+        for line in lines:
+            if " conditional(" in line:
+                for part in line.split("branch_computations={")[1:]:
+                    branches |= {
+                        b.strip().lstrip("%")
+                        for b in part.split("}")[0].split(",")
+                    }
+    called = _closure(computations, branches)
+    counts = {"every_micro_batch": 0, "per_update": 0}
+    for name, lines in computations.items():
+        found = sum(
+            1
+            for line in lines
+            if any(
+                f" {c}(" in line or f" {c}-start(" in line for c in COLLECTIVES
+            )
+        )
+        counts["per_update" if name in called else "every_micro_batch"] += found
+    return counts
+
+
+def _closure(computations, roots):
+    """`roots` and every computation they call."""
+    seen, stack = set(), list(roots)
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for line in computations[name]:
+            for other in computations:
+                if f"%{other}" in line or f"={other}" in line:
+                    stack.append(other)
+    return seen
+
+
+def check_collectives():
+    x, y = data()
+    configs = {
+        "ours Adam K=4 macro": lambda: kg.Adam(
+            0.05, second_moment="macro", accumulation_steps=4
+        ),
+        "ours Adam K=4 micro": lambda: kg.Adam(0.05, accumulation_steps=4),
+        "ours Adam K=4 micro + noise + clip + statistics": lambda: kg.Adam(
+            0.05,
+            accumulation_steps=4,
+            noise_eta=0.01,
+            global_clipnorm=1.0,
+            track_gradient_statistics=True,
+        ),
+        "ours Adam K=1": lambda: kg.Adam(0.05),
+        "keras Adam": lambda: keras.optimizers.Adam(0.05),
+        "keras Adam(gradient_accumulation_steps=4)": lambda: (
+            keras.optimizers.Adam(0.05, gradient_accumulation_steps=4)
+        ),
+    }
+    for name, make in configs.items():
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        model = make_model(make())
+        fit(model, x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], epochs=1)
+        counts = collective_counts(model, x, y)
+        keras.distribution.set_distribution(None)
+        report(check="collectives", devices=devices, config=name, **counts)
+
+
+def check_model_parallel():
+    x, y = data()
+    mesh = keras.distribution.DeviceMesh(
+        (2, devices // 2), ("batch", "model"), jax.devices()
+    )
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts["dense_a/kernel"] = (None, "model")
+    layouts["dense_a/bias"] = ("model",)
+    layouts["dense_b/kernel"] = ("model", None)
+    for kind in ("adam_micro", "wrap_rmsprop"):
+        single = train(None, kind, 4, x, y)
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layouts, batch_dim_name="batch"
+        )
+        model = train(distribution, kind, 4, x, y)
+        mismatched = []
+        for variable in model.trainable_variables:
+            spec = variable.value.sharding.spec
+            for slot in model.optimizer.variables:
+                if slot.shape == variable.shape and slot.path.startswith(
+                    model.optimizer.name + "/" + variable.path.replace("/", "_")
+                ):
+                    if slot.value.sharding.spec != spec:
+                        mismatched.append(slot.path)
+        report(
+            check="model_parallel",
+            devices=devices,
+            kind=kind,
+            kernel_spec=str(model.trainable_variables[0].value.sharding.spec),
+            mismatched_layouts=mismatched,
+            max_abs_difference=max_difference(
+                single.get_weights(), model.get_weights()
+            ),
+        )
+
+
+SAVE_KIND, SAVE_K = "adam_micro", 4
+
+
+def check_save():
+    x, y = data()
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = make_model(make_optimizer(SAVE_KIND, SAVE_K))
+    fit(model, x[: 6 * GLOBAL_BATCH], y[: 6 * GLOBAL_BATCH], epochs=1)
+    model.save(os.path.join(out_dir, "mid_cycle.keras"))
+    fit(model, x[6 * GLOBAL_BATCH :], y[6 * GLOBAL_BATCH :], epochs=1)
+    np.savez(os.path.join(out_dir, "continued.npz"), *model.get_weights())
+    report(
+        check="save",
+        devices=devices,
+        micro_steps=int(model.optimizer.micro_steps.numpy()),
+    )
+
+
+def check_restore():
+    x, y = data()
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = keras.saving.load_model(os.path.join(out_dir, "mid_cycle.keras"))
+    restored_steps = int(model.optimizer.micro_steps.numpy())
+    fit(model, x[6 * GLOBAL_BATCH :], y[6 * GLOBAL_BATCH :], epochs=1)
+    reference = np.load(os.path.join(out_dir, "continued.npz"))
+    report(
+        check="restore",
+        devices=devices,
+        micro_steps_restored=restored_steps,
+        max_abs_difference=max_difference(
+            model.get_weights(),
+            [reference[f"arr_{i}"] for i in range(len(reference.files))],
+        ),
+    )
+
+
+def check_monitor():
+    """The known noise scale (helpers.linear_regression) under DataParallel:
+    the batch size the monitor sees is the global one."""
+    x, y, expected = linear_regression(4096, seed=2)
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = frozen_linear_model(kg.SGD(0.0, accumulation_steps=8))
+    log_dir = os.path.join(out_dir, "monitor_logs")
+    monitor = kg.GradientVarianceMonitor(log_dir=log_dir, verbose=0)
+    history = model.fit(
+        x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor]
+    )
+    report(
+        check="monitor",
+        devices=devices,
+        expected_noise_scale=expected,
+        measured=history.history["grad_noise_scale"][-1],
+        batch_size=monitor.records[-1]["batch_size"],
+        log_dir=log_dir,
+    )
+
+
+if __name__ == "__main__":
+    assert len(jax.devices()) == devices, jax.devices()
+    for check in checks:
+        globals()[f"check_{check}"]()
