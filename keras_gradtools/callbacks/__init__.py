@@ -1,8 +1,6 @@
 """Callbacks: the gradient-variance monitor, its probe and advice."""
 
-from keras_gradtools.callbacks.adaptive_accumulation import (
-    AdaptiveAccumulation,
-)
+from keras_gradtools.callbacks.adaptive_accumulation import AdaptiveAccumulation
 from keras_gradtools.callbacks.advice import BatchSizeAdvice
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     GradientVarianceMonitor,
