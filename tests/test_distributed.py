@@ -33,6 +33,7 @@ KINDS = (
     "wrap_rmsprop",
     "adam_statistics",
     "adam_micro_clip_each",
+    "adam_micro_sync",
 )
 
 
@@ -106,7 +107,7 @@ def test_three_replicas_match_one_device(mirrored):
     results = [
         r for r in mirrored if r["check"] == "equality" and r["replicas"] == 3
     ]
-    assert len(results) == 20
+    assert len(results) == 3
     for result in results:
         assert result["differing_replicas"] == [], result
         if result["kind"] == "adam_micro" and result["k"] > 1:
@@ -268,7 +269,12 @@ def test_two_workers_match_one_process(multi_worker, name):
             results, check="multi_worker_loop", worker=worker, config=name
         )
         assert result["iterations"] == 8 // k
-        if k > 1:
+        if kind == "adam_micro_sync":
+            # sync_micro_batches: every micro-batch's gradient is summed over
+            # the workers before it is accumulated (the price of the
+            # single-device estimator), and the update sums again.
+            assert result["top_level_collectives"] == ["CollectiveReduceV2"]
+        elif k > 1:
             # Micro-batches 1..K-1 communicate nothing: every collective
             # sits in the body of the update's loop, none at top level.
             assert result["top_level_collectives"] == []

@@ -177,3 +177,6 @@ def test_sigkill_and_restart_with_backup_and_restore_ends_identical(tmp_path):
     assert len(a.files) == len(b.files) > 0
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
+    # AdaptiveAccumulation moved K away from 3 and resumed where it was.
+    steps, factor = a["adaptive"]
+    assert steps != 3 and factor != 1.0

@@ -22,6 +22,14 @@ from keras_gradtools.backends import private_api
 from keras_gradtools.transforms import sparse
 
 
+def not_for_autograph(function):
+    """`function`, marked so that AutoGraph does not convert it (nor what it
+    calls) when a user's `tf.function` calls it: the pipeline has no Python
+    control flow on tensors (it branches with `run_if`), and converting it
+    made tracing a custom training step 5-10x slower."""
+    return tf.autograph.experimental.do_not_convert(function)
+
+
 def run_if(predicate, fn, state=None):
     """Calls `fn()` (which updates variables and returns nothing) only when
     the scalar boolean tensor `predicate` is true.

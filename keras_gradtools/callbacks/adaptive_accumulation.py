@@ -118,7 +118,8 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
             update needs at least two. K starts there if it is below.
         learning_rate_rule: `"sqrt"` (default), `"linear"`, `"adascale"` or
             `None`; see `learning_rate_factor`. The learning rate given to
-            the optimizer is taken as tuned for the K at the start of `fit`.
+            the optimizer is taken as tuned for the `accumulation_steps` it
+            was created with.
         hysteresis: Float > 1, defaults to 2: K changes only when
             B_simple / M is off from it by more than this factor.
         update_freq: `"epoch"` (default) or an int N: adapt every N batches.
@@ -190,7 +191,9 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
             optimizer.enable_gradient_statistics()
             self.model.make_train_function(force=True)
         self._batch_size = backend_hooks.record_batch_size(self.model)
-        self._base_steps = optimizer.accumulation_steps
+        # The K the learning rate was tuned for: the optimizer's configured
+        # K (a run resumed with an adapted K keeps the same base).
+        self._base_steps = optimizer._initial_accumulation_steps
         if optimizer.accumulation_steps < self.min_steps:
             optimizer.accumulation_steps = self.min_steps
         self._batches = 0

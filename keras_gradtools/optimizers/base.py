@@ -178,9 +178,11 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         steps = validation.check_int(
             "accumulation_steps", steps, 1, self.max_accumulation_steps
         )
-        self._initial_accumulation_steps = steps
         if self._accumulator is not None and self._accumulator.accumulates:
             self._accumulator.steps.assign(steps)
+        else:
+            # Before `build`: the K the optimizer is configured with.
+            self._initial_accumulation_steps = steps
 
     @property
     def learning_rate_factor(self) -> float:
@@ -579,14 +581,11 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
     def _add_noise(self, grads, indices, sigma):
         seed = ops.convert_to_tensor(self._noise_seed_variable)
         step = ops.convert_to_tensor(self._iterations_variable)
+        shapes = [tuple(v.shape) for v in private_api.trainable_variables(self)]
+        noise = transforms.gaussian_noise(shapes, seed, step, wanted=indices)
         return [
-            ops.add(
-                grad,
-                ops.multiply(
-                    sigma, transforms.gaussian_noise_like(grad, seed, i, step)
-                ),
-            )
-            for grad, i in zip(grads, indices)
+            ops.add(grad, ops.multiply(sigma, draw))
+            for grad, draw in zip(grads, noise)
         ]
 
     def _apply_rule(self, grads, variables, micro_variances):
@@ -962,7 +961,8 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
     def _pipeline_config(self):
         """The pipeline's own arguments (shared with the wrapper's config)."""
         return {
-            "accumulation_steps": self.accumulation_steps,
+            # The configured K; the current one is state.
+            "accumulation_steps": self._initial_accumulation_steps,
             "max_accumulation_steps": self.max_accumulation_steps,
             "noise_eta": self.noise_eta,
             "noise_gamma": self.noise_gamma,
@@ -978,6 +978,10 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
 GradientPipelineOptimizer.__doc__ = GradientPipelineOptimizer.__doc__.replace(
     "{{pipeline_keyword_args}}", pipeline_keyword_args
 )
+if backend.backend() == "tensorflow":
+    GradientPipelineOptimizer.apply = backends.current().not_for_autograph(
+        GradientPipelineOptimizer.apply
+    )
 
 
 def _check_gradient_matches(grad, variable):

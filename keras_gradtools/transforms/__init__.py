@@ -11,7 +11,7 @@ from keras_gradtools.transforms.accumulation import restart_or_add
 from keras_gradtools.transforms.accumulation import restart_or_maximum
 from keras_gradtools.transforms.clipping import clip_gradients
 from keras_gradtools.transforms.clipping import needs_square_norms
-from keras_gradtools.transforms.noise import gaussian_noise_like
+from keras_gradtools.transforms.noise import gaussian_noise
 from keras_gradtools.transforms.noise import noise_std
 from keras_gradtools.transforms.reductions import all_finite
 from keras_gradtools.transforms.reductions import flat_sum
@@ -29,7 +29,7 @@ __all__ = [
     "all_finite",
     "clip_gradients",
     "flat_sum",
-    "gaussian_noise_like",
+    "gaussian_noise",
     "global_norm",
     "gradient_statistics_from_sums",
     "micro_batch_variance",

@@ -5,6 +5,7 @@ number of updates already applied, so the first update uses `sigma**2 = eta`.
 """
 
 import math
+from collections.abc import Sequence
 
 from keras import ops
 
@@ -32,30 +33,42 @@ def noise_std(eta: float, gamma: float, step: TensorLike) -> TensorLike:
     return ops.sqrt(eta / ops.power(1.0 + t, gamma))
 
 
-def gaussian_noise_like(
-    reference: TensorLike,
+def gaussian_noise(
+    shapes: Sequence[tuple[int, ...]],
     seed: TensorLike,
-    tensor_index: int,
     step: TensorLike,
-) -> TensorLike:
-    """Draws standard normal noise shaped like `reference` (float32).
+    wanted: Sequence[int] | None = None,
+) -> list[TensorLike]:
+    """Draws standard normal noise for a whole model at one update.
 
-    The noise is a pure function of `(seed, tensor_index, step)`: one
-    Threefry key per (seed, tensor) and one counter stream per update, so
-    every tensor at every update gets an independent block, replicas that
-    share the seed draw the same noise, and nothing but the update counter
-    needs to be saved to resume the stream exactly.
+    The noise is a pure function of `(seed, step)` and each tensor's place
+    among `shapes`: one Threefry stream per update over the concatenation of
+    all the tensors (in build order), so replicas that share the seed draw
+    the same noise, nothing but the update counter needs saving to resume
+    the stream exactly, and a model of many small tensors costs one draw,
+    not one per tensor (one block of integer operations to trace and
+    compile, whatever the number of variables).
 
     Args:
-        reference: A tensor with a fully defined shape.
-        seed: Integer scalar (tensor or int), the optimizer's noise seed.
-        tensor_index: Python int, the variable's index in the optimizer.
+        shapes: The shapes of all the model's tensors, in build order.
+        seed: Integer scalar below 2**31 (tensor or int), the noise seed.
         step: Integer scalar tensor, the updates already applied.
+        wanted: The indices into `shapes` to return noise for (default:
+            all); the others' draws are made and left unused, so that every
+            tensor's noise stays the same whichever are wanted.
 
     Returns:
-        A float32 tensor of i.i.d. N(0, 1) samples, shaped like `reference`.
+        float32 tensors of i.i.d. N(0, 1) samples, shaped like
+        `shapes[i]` for each `i` in `wanted`.
     """
-    shape = tuple(reference.shape)
-    count = math.prod(shape)
-    key = (seed, tensor_index)
-    return ops.reshape(standard_normal(count, key, step), shape)
+    sizes = [math.prod(shape) for shape in shapes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    normals = standard_normal(sum(sizes), (seed, 0), step)
+    if wanted is None:
+        wanted = range(len(shapes))
+    return [
+        ops.reshape(
+            normals[offsets[i] : offsets[i] + sizes[i]], tuple(shapes[i])
+        )
+        for i in wanted
+    ]

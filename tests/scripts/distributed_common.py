@@ -52,6 +52,14 @@ def make_optimizer(kind, k, **overrides):
         return kg.Adam(
             0.05, second_moment="micro", clip_micro_batches=True, **common
         )
+    if kind == "adam_micro_sync":
+        return kg.Adam(
+            0.05,
+            second_moment="micro",
+            sync_micro_batches=True,
+            track_gradient_statistics=True,
+            **common,
+        )
     if kind == "adamw":
         return kg.AdamW(0.05, weight_decay=0.1, second_moment="macro", **common)
     if kind == "adam_statistics":
@@ -70,6 +78,7 @@ GLOBAL_BATCH = 8
 # Multi-worker runs: name -> (optimizer kind, accumulation steps).
 MULTI_WORKER_CONFIGS = {
     "adam_macro_k4": ("adam_macro", 4),
+    "adam_micro_sync_k4": ("adam_micro_sync", 4),
     "sgd_k1": ("sgd", 1),
     "wrap_rmsprop_k4": ("wrap_rmsprop", 4),
 }

@@ -1,7 +1,8 @@
 """Trains a small digits model under keras.callbacks.BackupAndRestore.
 
 Run twice with the same arguments after a SIGKILL, it must end with the same
-weights as a run that was never interrupted. With `--kill-marker PATH`, the
+weights, accumulation steps and learning-rate factor (AdaptiveAccumulation
+changes both during training) as a run that was never interrupted. With `--kill-marker PATH`, the
 first run that finds no file at PATH creates it and kills itself with
 SIGKILL in the middle of epoch 2 (a real, uncatchable kill).
 
@@ -52,24 +53,35 @@ def main():
     keras.utils.set_random_seed(0)
     x, y = digits(320)
     model = tiny_classifier()
+    optimizer = kg.Adam(
+        1e-2,
+        accumulation_steps=3,  # 10 batches per epoch: cycles span epochs
+        max_accumulation_steps=16,
+        noise_eta=1e-3,
+        noise_seed=4,
+        global_clipnorm=1.0,
+    )
     model.compile(
-        optimizer=kg.Adam(
-            1e-2,
-            accumulation_steps=3,  # 10 batches per epoch: cycles span epochs
-            noise_eta=1e-3,
-            noise_seed=4,
-            global_clipnorm=1.0,
-        ),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    callbacks = [keras.callbacks.BackupAndRestore(args.backup_dir)]
+    # K and the learning-rate factor change during training (every 4
+    # batches) and must resume as they were.
+    adaptive = kg.AdaptiveAccumulation(16, update_freq=4)
+    callbacks = [keras.callbacks.BackupAndRestore(args.backup_dir), adaptive]
     if args.kill_marker:
         callbacks.append(KillOnce(args.kill_marker))
     model.fit(
         x, y, batch_size=32, epochs=4, shuffle=False, verbose=0,
         callbacks=callbacks,
     )  # fmt: skip
-    np.savez(args.output, *model.get_weights())
+    np.savez(
+        args.output,
+        *model.get_weights(),
+        adaptive=np.array(
+            [optimizer.accumulation_steps, optimizer.learning_rate_factor]
+        ),
+    )
     return 0
 
 
