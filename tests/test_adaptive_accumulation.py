@@ -13,9 +13,7 @@ from helpers import linear_regression
 from keras import ops
 
 import keras_gradtools as kg
-from keras_gradtools.callbacks.adaptive_accumulation import (
-    learning_rate_factor,
-)
+from keras_gradtools.callbacks.adaptive_accumulation import learning_rate_factor
 from keras_gradtools.callbacks.adaptive_accumulation import target_steps
 
 
