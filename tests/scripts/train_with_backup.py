@@ -2,9 +2,10 @@
 
 Run twice with the same arguments after a SIGKILL, it must end with the same
 weights, accumulation steps and learning-rate factor (AdaptiveAccumulation
-changes both during training) as a run that was never interrupted. With `--kill-marker PATH`, the
-first run that finds no file at PATH creates it and kills itself with
-SIGKILL in the middle of epoch 2 (a real, uncatchable kill).
+changes both during training) as a run that was never interrupted. With
+`--kill-marker PATH`, the first run that finds no file at PATH creates it
+and kills itself with SIGKILL in the middle of epoch 2 (a real, uncatchable
+kill).
 
     python train_with_backup.py BACKUP_DIR OUTPUT.npz [--kill-marker PATH]
 """
