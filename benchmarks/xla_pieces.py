@@ -58,7 +58,7 @@ def _pieces(shapes, seed):
     import tensorflow as tf
     from keras import ops
 
-    from keras_gradtools.optimizers.gradient_checks import all_finite
+    from keras_gradtools.transforms import all_finite
     from keras_gradtools.transforms import global_norm
     from keras_gradtools.transforms import standard_normal
     from keras_gradtools.transforms.threefry import normal_from_bits

@@ -31,30 +31,16 @@ import keras_gradtools as kg
 
 
 def parse_args(argv=None):
+    """The demo's options (defined with the command line, which answers
+    `--help` without importing Keras)."""
+    import keras_gradtools_cli
+
     parser = argparse.ArgumentParser(
-        prog="keras-gradtools demo",
-        description=__doc__.split("\n\n")[0],
+        prog="python examples/train_digits.py",
+        description=keras_gradtools_cli.DEMO_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--accumulation-steps", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--noise-eta", type=float, default=1e-4)
-    parser.add_argument("--clipnorm", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--output-dir", default=os.path.join("outputs", "train_digits")
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="2 epochs: a smoke test"
-    )
-    parser.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs = 2
-    return args
+    return keras_gradtools_cli.add_demo_arguments(parser).parse_args(argv)
 
 
 def load_data(seed):
@@ -188,7 +174,14 @@ def print_table(results, batch_size):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """`python examples/train_digits.py [options]`."""
+    return run(parse_args(argv))
+
+
+def run(args):
+    """Runs the demo with parsed options. Returns 0."""
+    if args.quick:
+        args.epochs = 2
     os.makedirs(args.output_dir, exist_ok=True)
     data = load_data(args.seed)
     results = [

@@ -180,3 +180,43 @@ def test_sigkill_and_restart_with_backup_and_restore_ends_identical(tmp_path):
     # AdaptiveAccumulation moved K away from 3 and resumed where it was.
     steps, factor = a["adaptive"]
     assert steps != 3 and factor != 1.0
+
+
+@pytest.mark.parametrize("saved_with_statistics", [True, False])
+def test_state_restores_whether_statistics_were_on_or_not(
+    saved_with_statistics, tmp_path
+):
+    """Callbacks switch statistics on at the start of fit, which may come
+    after BackupAndRestore has restored: state saved with them restores into
+    an optimizer without them (switching them on), and the reverse keeps
+    everything else (the statistics start with the next cycle)."""
+    x, y = digits(320)
+
+    def make(statistics):
+        return compiled_classifier(
+            kg.Adam(
+                1e-2,
+                accumulation_steps=4,
+                noise_eta=1e-3,
+                noise_seed=3,
+                track_gradient_statistics=statistics,
+            )
+        )
+
+    model = make(saved_with_statistics)
+    _fit(model, x[:192], y[:192])  # 6 micro-batches: mid-cycle
+    path = tmp_path / "state.weights.h5"
+    model.save_weights(path)
+    restored = make(not saved_with_statistics)
+    restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(path)
+    assert restored.optimizer.track_gradient_statistics
+    assert int(restored.optimizer.micro_steps.numpy()) == 6
+    for m in (model, restored):
+        _fit(m, x[192:], y[192:])
+    for a, b in zip(model.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    statistics = restored.optimizer.gradient_statistics()
+    # 4 more micro-batches: the cycle begun before saving completes, then
+    # one whole cycle; the latter is measured either way.
+    assert np.isfinite(float(statistics["variance"]))

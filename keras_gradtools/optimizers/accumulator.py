@@ -86,12 +86,7 @@ class GradientAccumulator:
             for v in variables
         ]
         if square_sums:
-            self.square_sums = [
-                None
-                if owner._overwrites_with_gradient(v)
-                else owner._add_state("square_sum", local=True, reference=v)
-                for v in variables
-            ]
+            self.add_square_sums(variables)
         if square_norm_sums:
             self.add_square_norm_sums(len(variables))
 
@@ -117,6 +112,26 @@ class GradientAccumulator:
             "square_norm_sum", shape=(count,), local=True
         )
         self._add_cycle_samples()
+
+    def complete_square_norm_sums(self):
+        """Σ|g|² for a cycle begun without it (statistics switched on, or
+        state restored without them, mid-cycle): the per-variable sums of
+        Σg² when kept, exactly; else the statistics skip this cycle."""
+        if not int(ops.convert_to_numpy(self.position)):
+            return
+        if self.square_sums:
+            self.square_norm_sums.assign(
+                ops.stack(
+                    [
+                        ops.zeros((), "float32")
+                        if s is None
+                        else transforms.flat_sum(s)
+                        for s in self.square_sums
+                    ]
+                )
+            )
+        else:
+            self.cycle_samples.assign(-1)
 
     def _add_cycle_samples(self):
         """The gradient samples per micro-batch of the current cycle (R when

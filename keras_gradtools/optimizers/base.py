@@ -369,6 +369,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 layout), or `None`.
             keep_dtype: Take the reference's dtype instead of `dtype`.
         """
+        role = role or name
         if reference is not None:
             shape = reference.shape
             if keep_dtype:
@@ -396,7 +397,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 aggregation="only_first_replica",
                 name=name,
             )
-        self._roles[id(variable)] = role or name
+        self._roles[id(variable)] = role
         return variable
 
     @property
@@ -758,15 +759,8 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                     accumulator.cycle_samples.assign(-1)
             if not was_tracking:
                 accumulator.add_square_norm_sums(len(variables))
-                if position and had_square_sums:
-                    accumulator.square_norm_sums.assign(
-                        ops.stack(
-                            [
-                                transforms.flat_sum(s)
-                                for s in accumulator.square_sums
-                            ]
-                        )
-                    )
+                if had_square_sums:
+                    accumulator.complete_square_norm_sums()
                 elif position:
                     accumulator.cycle_samples.assign(-1)
 
@@ -878,10 +872,62 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         self._restore(saved, arrays)
 
     def _restore(self, saved, arrays):
-        layout.check(saved, arrays, self._layout())
-        for variable, array in zip(self.variables, arrays):
+        """Restores saved state, adapting to whether statistics were on.
+
+        Statistics are switched on by callbacks (the monitor, adaptive
+        accumulation) at the start of `fit`, which may be after a callback
+        such as `BackupAndRestore` has restored state written with them on:
+        they are switched on here first. State saved without them restores
+        everything else; they start fresh (from the next cycle, if the
+        state is mid-cycle).
+        """
+        settings = (saved or {}).get("settings", {})
+        if saved is not None and saved.get("format") == layout.FORMAT:
+            if (
+                settings.get("statistics")
+                and not self.track_gradient_statistics
+            ):
+                self.enable_gradient_statistics(
+                    per_coordinate=bool(settings.get("sum_of_squares"))
+                )
+            elif settings.get("sum_of_squares") and not self._keeps_square_sums:
+                self.enable_gradient_statistics(per_coordinate=True)
+        variables = self._variables_in(settings) if saved else self.variables
+        expected = self._layout()
+        expected["settings"] = dict(
+            expected["settings"],
+            statistics=settings.get(
+                "statistics", self.track_gradient_statistics
+            ),
+            sum_of_squares=settings.get(
+                "sum_of_squares", self._keeps_square_sums
+            ),
+        )
+        expected["variables"] = layout.describe("", True, {}, variables)[
+            "variables"
+        ]
+        layout.check(saved, arrays, expected)
+        for variable, array in zip(variables, arrays):
             variable.assign(array)
         self._check_restored_cycle()
+        accumulator = self._accumulator
+        if len(variables) < len(self.variables) and accumulator.accumulates:
+            # Statistics on here but not in the saved state.
+            accumulator.complete_square_norm_sums()
+
+    def _variables_in(self, settings):
+        """This optimizer's variables that state saved with `settings`
+        holds: without statistics there, not theirs (nor the sums that
+        only they need)."""
+        dropped = set()
+        if not settings.get("statistics"):
+            dropped |= {"statistic", "running_statistic", "square_norm_sum"}
+        if not settings.get("sum_of_squares"):
+            dropped.add("square_sum")
+        if not (settings.get("statistics") or settings.get("sum_of_squares")):
+            dropped.add("cycle_samples")
+        roles = self._roles
+        return [v for v in self.variables if roles.get(id(v)) not in dropped]
 
     def _load_unbuilt_state(self, saved, arrays):
         """The state of an optimizer saved before it was built: Keras's own

@@ -1,0 +1,54 @@
+"""Runs the test suite on both Keras backends, at the same time.
+
+    python tests/run_both_backends.py [pytest arguments]
+
+One `python -m pytest` per backend (KERAS_BACKEND=tensorflow and
+KERAS_BACKEND=jax: one process can hold only one Keras backend), started
+together so that the two share the machine's cores, each writing its
+report to the terminal when it ends. Exits with 0 only if both pass.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+BACKENDS = ("tensorflow", "jax")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    start = time.monotonic()
+    for backend in BACKENDS:
+        log = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", *argv],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        runs[backend] = (process, log)
+    status = 0
+    for backend, (process, log) in runs.items():
+        code = process.wait()
+        log.seek(0)
+        print(f"===== KERAS_BACKEND={backend}: pytest exit code {code} =====")
+        sys.stdout.write(log.read())
+        sys.stdout.flush()
+        status = status or code
+    minutes = (time.monotonic() - start) / 60
+    print(
+        f"both backends: {'passed' if status == 0 else 'FAILED'} "
+        f"({minutes:.1f} min)"
+    )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
