@@ -247,7 +247,8 @@ def main(argv=None):
     print("# Adaptive batch size: samples, updates and time to a target")
     print()
     print(
-        f"command: {shlex.join(['python', 'benchmarks/adaptive_batch.py', *argv])}"
+        "command: "
+        + shlex.join(["python", "benchmarks/adaptive_batch.py", *argv])
     )
     print(f"backend: {keras.backend.backend()}; seeds: {seeds}")
     print()

@@ -262,12 +262,12 @@ def main(argv=None):
     print("# keras_gradtools on JAX: optimizer step cost against the peers")
     print()
     print(
-        f"command:  {shlex.join(['python', 'benchmarks/jax_step_cost.py', *argv])}"
+        "command:  "
+        + shlex.join(["python", "benchmarks/jax_step_cost.py", *argv])
     )
     print(f"date:     {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(
-        f"cpu:      {machine.cpu_model()} ({machine.cpu_count()} cores available)"
-    )
+    cores = machine.cpu_count()
+    print(f"cpu:      {machine.cpu_model()} ({cores} cores available)")
     print(
         f"software: Python {platform.python_version()}, JAX {jax.__version__}, "
         f"Keras {keras.__version__}, optax {optax.__version__}"

@@ -116,7 +116,8 @@ try:
 except SystemExit as exit:
     code = exit.code
 print("EXIT", code)
-print("IMPORTED", [m for m in ("keras", "tensorflow", "jax") if m in sys.modules])
+heavy = ("keras", "tensorflow", "jax")
+print("IMPORTED", [m for m in heavy if m in sys.modules])
 """
 
 
