@@ -136,7 +136,6 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self._epoch = 0
         self._latest = None
         self._probe_running = None
-        self._skipped_reported = 0
         self._nonfinite_reported = set()
         optimizer = _pipeline_optimizer(self.model.optimizer)
         self._optimizer = optimizer
@@ -147,7 +146,6 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             self._writer = SummaryWriter(
                 os.path.join(self.log_dir, "gradients")
             )
-        self._skipped_reported = self._skipped()
 
     def _choose_mode(self, optimizer):
         if optimizer is not None and optimizer.max_accumulation_steps >= 2:
@@ -351,19 +349,10 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         return ops_to_int(optimizer.skipped_micro_batches)
 
     def _warn_about_skipped_micro_batches(self, epoch):
-        if self._optimizer is None:
-            return
-        skipped = self._skipped()
-        new = skipped - self._skipped_reported
-        if new > 0:
-            warnings.warn(
-                f"Epoch {epoch + 1}: {new} micro-batch(es) had a non-finite "
-                f"gradient and were left out of the update "
-                f"(on_nonfinite='skip'); {skipped} so far in this fit.",
-                RuntimeWarning,
-                stacklevel=2,
+        if self._optimizer is not None:
+            self._optimizer.report_skipped_micro_batches(
+                f"In epoch {epoch + 1}"
             )
-        self._skipped_reported = skipped
 
     def _check_weights(self, updates):
         bad = [

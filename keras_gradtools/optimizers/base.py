@@ -18,6 +18,7 @@ optimizers do, writing through `self.assign*` so that a skipped update
 
 import contextlib
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,6 +142,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         object.__setattr__(self, "_pending_state", None)
         object.__setattr__(self, "_accumulator", None)
         object.__setattr__(self, "_statistics", None)
+        object.__setattr__(self, "_skipped_reported", 0)
         # State restored before `build` (a pickled or deep-copied optimizer)
         # is applied when the subclass's `build` has made every slot.
         build_variables = self.build
@@ -259,6 +261,40 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         if self.noise_eta == 0:
             return 0.0
         return float(self._noise_std_at(self._iterations))
+
+    def finalize_variable_values(self, var_list) -> None:
+        """What Keras calls at the end of `fit`: the moving average of the
+        weights replaces them (with `use_ema`), and micro-batches left out
+        as non-finite since the last report are reported."""
+        super().finalize_variable_values(var_list)
+        self.report_skipped_micro_batches("During this fit")
+
+    def report_skipped_micro_batches(self, when: str) -> int:
+        """Warns (`RuntimeWarning`) if micro-batches were left out as
+        non-finite since the last report; `GradientVarianceMonitor` calls
+        it every epoch, `fit` at its end.
+
+        Args:
+            when: How the message starts, e.g. "Epoch 3".
+
+        Returns:
+            The number of micro-batches left out since the last report.
+        """
+        if not self.built:
+            return 0
+        skipped = int(ops.convert_to_numpy(self.skipped_micro_batches))
+        new = skipped - self._skipped_reported
+        object.__setattr__(self, "_skipped_reported", skipped)
+        if new > 0:
+            warnings.warn(
+                f"{when}, {new} micro-batch(es) had a gradient with NaN or "
+                "inf and were left out of the update (on_nonfinite='skip'); "
+                f"{skipped} since this optimizer was created "
+                "(`optimizer.skipped_micro_batches`).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return new
 
     def _require_built(self, what):
         if not self.built:

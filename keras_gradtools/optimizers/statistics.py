@@ -144,12 +144,18 @@ class GradientStatistics:
             smooth(self.running[name], value)
 
     def snapshot(self):
-        """A copy of the last update's statistics (float32 scalars; NaN
-        before the first update has recorded them)."""
+        """A copy of the last update's statistics (float32 scalars): NaN
+        before the first update recorded them; those needing two samples
+        (all but `grad_norm` and `noise_std`), NaN until one was measured."""
         recorded = ops.greater(ops.convert_to_tensor(self.recorded), 0)
+        measured = ops.greater(ops.convert_to_tensor(self.running["weight"]), 0)
         nan = ops.cast(float("nan"), "float32")
         return {
-            name: ops.where(recorded, ops.convert_to_tensor(v), nan)
+            name: ops.where(
+                recorded if name in ("grad_norm", "noise_std") else measured,
+                ops.convert_to_tensor(v),
+                nan,
+            )
             for name, v in self.last.items()
         }
 

@@ -154,6 +154,7 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+        self.report_skipped_micro_batches("During this fit")
 
     def get_config(self):
         return {
