@@ -68,7 +68,7 @@ def mirrored(tmp_path_factory):
     sizes do not mix in one process)."""
     directory = tmp_path_factory.mktemp("mirrored")
     two = ("equality", "estimator", "monitor", "save_mid_cycle", "restore")
-    two += ("clip_after_sum",)
+    two += ("clip_after_sum", "keras_contract")
     results = _run_mirrored(two, directory)
     return results + _run_mirrored(("equality3", "restore3"), directory)
 
@@ -208,6 +208,31 @@ def test_monitor_measures_the_known_noise_scale_under_a_strategy(mirrored):
     assert scalars["grad_noise_scale"][-1] == pytest.approx(measured)
     assert any(tag.startswith("grad_variance/") for tag in scalars)
     assert any("per_coordinate" in tag for tag in others)
+
+
+@pytest.mark.slow
+def test_what_keras_accepts_under_the_strategy_ours_does(mirrored):
+    """A plain tf.Variable among the trainable variables, gradients
+    computed outside `strategy.run`, and variable constraints, for K = 1
+    and 2: the same weights as one device, every replica's copy equal."""
+    found = [r for r in mirrored if r["check"] == "keras_contract"]
+    assert {(r["k"], r["where"]) for r in found} == {
+        (k, w) for k in (1, 2) for w in ("single", "cross_replica", "replica")
+    }
+    for r in found:
+        assert r["iterations"] == 4 // r["k"]
+        assert r["constrained_min"] >= 0.0
+        assert r["differing_replicas"] == []
+        assert r["max_abs_difference"] <= FLOAT32_ROUNDING
+
+
+@pytest.mark.slow
+def test_adaptive_accumulation_takes_one_k_on_every_replica(mirrored):
+    r = _one(mirrored, check="adaptive")
+    steps, factors = r["per_replica"]
+    assert len(set(steps)) == 1 and len(set(factors)) == 1
+    expected = r["expected_noise_scale"]
+    assert expected / 1.6 <= r["effective_batch"] <= expected * 1.6
 
 
 # ----------------------------------------------------------------------

@@ -52,7 +52,14 @@ def runs(tmp_path_factory):
     results = _run(2, ["data_parallel"], directory)
     results += _run(
         4,
-        ["data_parallel", "collectives", "model_parallel", "save", "monitor"],
+        [
+            "data_parallel",
+            "collectives",
+            "model_parallel",
+            "save",
+            "monitor",
+            "adaptive",
+        ],
         directory,
     )
     for devices in (4, 2, 1):
@@ -119,6 +126,14 @@ def test_monitor_under_data_parallel_measures_the_known_noise_scale(runs):
     assert r["batch_size"] == 16  # the global batch
     assert r["measured"] == pytest.approx(r["expected_noise_scale"], rel=0.25)
     assert os.path.isdir(os.path.join(r["log_dir"], "gradients"))
+
+
+def test_adaptive_accumulation_takes_one_k_on_every_device(runs):
+    _, results = runs
+    (r,) = _select(results, check="adaptive")
+    assert len(r["per_device"]) == 4 and len(set(r["per_device"])) == 1
+    expected = r["expected_noise_scale"]
+    assert expected / 1.6 <= r["effective_batch"] <= expected * 1.6
 
 
 def _free_port():

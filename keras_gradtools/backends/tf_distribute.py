@@ -143,9 +143,13 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables):
         # the statistics (one more small all-reduce).
         statistics = samples > 1 and optimizer.track_gradient_statistics
         norms = local.norms if statistics else None
+        # One tensor object per replica, even where every replica was handed
+        # the same one: `merge_call` would otherwise pass it on as a single
+        # value, which the batched reduction does not take.
+        grads = [tf.identity(g) for g in local.grads]
         context.merge_call(
             _update_from_replicas,
-            args=(optimizer, local.grads, norms, indices),
+            args=(optimizer, grads, norms, indices),
         )
         return
     reduce, keeper = None, None
@@ -153,6 +157,8 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables):
         # Each micro-batch's global gradient (clipping one needs it): one
         # all-reduce per micro-batch, whose result replica 0 keeps.
         def reduce(values):
+            # (tf.identity: see the K == 1 path above.)
+            values = [tf.identity(v) for v in values]
             return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
         keeper = ops.equal(context.replica_id_in_sync_group, 0)

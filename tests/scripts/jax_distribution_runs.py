@@ -18,6 +18,7 @@ result. Checks:
   weights of carrying on without stopping.
 - `restore`: that file loaded here (any device count) and carried on.
 - `monitor`: `GradientVarianceMonitor` on the known noise scale.
+- `adaptive`: `AdaptiveAccumulation`: one K on every device.
 """
 
 import json
@@ -352,6 +353,25 @@ def check_monitor():
         measured=history.history["grad_noise_scale"][-1],
         batch_size=monitor.records[-1]["batch_size"],
         log_dir=log_dir,
+    )
+
+
+def check_adaptive():
+    """AdaptiveAccumulation under DataParallel: one K (a replicated
+    scalar) for every device, near the known noise scale."""
+    x, y, expected = linear_regression(4096, seed=2)
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    optimizer = kg.SGD(0.0, max_accumulation_steps=32)
+    model = frozen_linear_model(optimizer)
+    adaptive = kg.AdaptiveAccumulation(32, update_freq=64)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[adaptive])
+    steps = optimizer._accumulator.steps.value
+    report(
+        check="adaptive",
+        devices=devices,
+        expected_noise_scale=expected,
+        effective_batch=optimizer.accumulation_steps * 4,
+        per_device=[int(np.asarray(s.data)) for s in steps.addressable_shards],
     )
 
 

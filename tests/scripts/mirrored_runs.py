@@ -427,6 +427,124 @@ def check_monitor(directory, replicas=2):
     )
 
 
+def check_keras_contract(replicas=2):
+    """What Keras's optimizers accept under the strategy, ours too: a plain
+    tf.Variable among the trainable ones; gradients computed outside
+    `strategy.run` (cross-replica context); variable constraints; and K
+    changed by AdaptiveAccumulation, the same on every replica."""
+    strategy = strategy_over(replicas)
+    rng = np.random.default_rng(4)
+    grads = [
+        [rng.normal(size=s).astype("float32") for s in ((3, 2), (2,))]
+        for _ in range(4)
+    ]
+
+    def variables(scope):
+        with scope():
+            return [
+                tf.Variable(np.full((3, 2), -0.2, "float32")),
+                keras.Variable(np.zeros(2, "float32")),
+            ]
+
+    for k in (1, 2):
+        weights = {}
+        for where in ("single", "cross_replica", "replica"):
+            scope = (
+                tf.distribute.get_strategy().scope
+                if where == "single"
+                else strategy.scope
+            )
+            with scope():
+                optimizer = kg.SGD(
+                    0.1,
+                    momentum=0.9,
+                    accumulation_steps=k,
+                    noise_eta=0.01,
+                    noise_seed=3,
+                    sync_micro_batches=True,
+                    jit_compile=False,
+                )
+            vs = variables(scope)
+            vs[1].constraint = keras.constraints.NonNeg()
+            with scope():
+                optimizer.build(vs)
+            for g in grads:
+                tensors = [tf.constant(x) for x in g]
+                if where == "replica":
+                    # Each replica's share: the sum over replicas is g.
+                    shares = [t / replicas for t in tensors]
+
+                    @tf.function
+                    def step(shares=shares):
+                        strategy.run(lambda: optimizer.apply(shares, vs))
+
+                    step()
+                else:
+                    with scope():
+                        optimizer.apply(tensors, vs)
+            weights[where] = [np.asarray(v.numpy()) for v in vs]
+            differing = [
+                i
+                for i, v in enumerate(vs)
+                if len(
+                    {
+                        np.asarray(c).tobytes()
+                        for c in strategy.experimental_local_results(
+                            v.value if isinstance(v, keras.Variable) else v
+                        )
+                    }
+                )
+                > 1
+            ]
+            report(
+                check="keras_contract",
+                k=k,
+                where=where,
+                iterations=int(optimizer.iterations.numpy()),
+                constrained_min=float(np.min(weights[where][1])),
+                differing_replicas=differing,
+                max_abs_difference=max_difference(
+                    weights["single"], weights[where]
+                ),
+            )
+    _adaptive_on_replicas(strategy, replicas)
+
+
+def _adaptive_on_replicas(strategy, replicas):
+    from helpers import frozen_linear_model
+    from helpers import linear_regression
+
+    x, y, expected = linear_regression(4096, seed=2)
+    with strategy.scope():
+        optimizer = kg.SGD(0.0, max_accumulation_steps=32, jit_compile=False)
+        model = frozen_linear_model(optimizer)
+    adaptive = kg.AdaptiveAccumulation(32, update_freq=64)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[adaptive])
+    accumulator = optimizer._accumulator
+    per_replica = [
+        [
+            int(np.asarray(c))
+            for c in strategy.experimental_local_results(
+                accumulator.steps.value
+            )
+        ],
+        [
+            float(np.asarray(c))
+            for c in strategy.experimental_local_results(
+                accumulator.learning_rate_factor.value
+            )
+        ],
+    ]
+    report(
+        check="adaptive",
+        replicas=replicas,
+        expected_noise_scale=expected,
+        effective_batch=optimizer.accumulation_steps * 4,
+        per_replica=per_replica,
+        changes=[r["accumulation_steps"] for r in adaptive.history],
+    )
+
+
 def check_clip_after_sum(replicas=2):
     """DESIGN.md §5: replica gradients [3, 0] and [0, 4], global_clipnorm=1,
     SGD with learning rate 1. Clipping the sum [3, 4] moves the weight by
@@ -465,6 +583,7 @@ if __name__ == "__main__":
         "restore3": lambda: check_checkpoint(directory, (3,)),
         "monitor": lambda: check_monitor(directory),
         "clip_after_sum": check_clip_after_sum,
+        "keras_contract": check_keras_contract,
     }
     import time
 
