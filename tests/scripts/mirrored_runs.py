@@ -475,7 +475,7 @@ def check_keras_contract(replicas=2):
                     shares = [t / replicas for t in tensors]
 
                     @tf.function
-                    def step(shares=shares):
+                    def step(shares=shares, optimizer=optimizer, vs=vs):
                         strategy.run(lambda: optimizer.apply(shares, vs))
 
                     step()
