@@ -25,6 +25,7 @@ in bytes per parameter, the resident memory once the model is built, and
 the peak resident memory while compiling and training (Linux: VmHWM, reset
 after the model is built).
 
+It runs on the backend KERAS_BACKEND names (TensorFlow by default).
 Absolute numbers are for reference only; timings are never asserted.
 `--quick` shrinks everything for a CI smoke test and prints
 `benchmark: ok` last.
@@ -335,8 +336,9 @@ def main(argv=None):
     rounds = args.rounds or (1 if args.quick else 5)
     started = time.perf_counter()
     import keras
-    import tensorflow as tf
 
+    backend = keras.backend.backend()
+    engine = __import__(backend)
     command = "python benchmarks/fit_throughput.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -344,7 +346,9 @@ def main(argv=None):
     print(f"command:  {command.strip()}")
     print(f"date:     {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine:  {machine.cpu_model()}, {machine.cpu_count()} cores")
-    print(f"software: TensorFlow {tf.__version__}, Keras {keras.__version__}")
+    print(
+        f"software: Keras {keras.__version__} on {backend} {engine.__version__}"
+    )
     print(
         f"method:   model.fit(jit_compile=True), {rounds} interleaved "
         f"rounds, K={K}\n"

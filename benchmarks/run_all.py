@@ -4,14 +4,16 @@ Usage:
 
     python benchmarks/run_all.py [--quick] [--markdown]
 
-Runs `benchmarks/step_cost.py` (the optimizer step against Keras's and a
-memory-bandwidth floor: accumulation, noise, statistics, optimizer state),
-`benchmarks/xla_pieces.py` (what the finite check, a sum of squares and
-the two halves of the noise cost on their own) and
-`benchmarks/fit_throughput.py` (`model.fit` samples per second, the
-monitor's overhead, peak memory of a 50M-parameter model), each in a
-process of its own so that no script's compiled functions or memory peak
-reach another, and prints the three reports. `--quick` shrinks all three to a
+Runs, each in a process of its own (so that no script's compiled
+functions or memory peak reach another) and on its backend:
+`benchmarks/step_cost.py` (TensorFlow: the optimizer step against Keras's
+and a memory-bandwidth floor), `benchmarks/xla_pieces.py` (TensorFlow: the
+finite check, a sum of squares and the noise on their own),
+`benchmarks/fit_throughput.py` on both backends (`model.fit` samples per
+second, the monitor's overhead, peak memory), `benchmarks/jax_step_cost.py`
+(JAX: ours against optax and Keras) and `benchmarks/scaling.py` on both
+backends (cost against model size and tensor count), and prints the
+reports. `--quick` shrinks every one to a
 format smoke test (CI runs it); timings are never asserted. Exits with the
 first failing script's status, else prints `benchmark: ok` last.
 """
@@ -21,7 +23,15 @@ import os
 import subprocess
 import sys
 
-SCRIPTS = ("step_cost.py", "xla_pieces.py", "fit_throughput.py")
+# (script, the Keras backend it runs on)
+SCRIPTS = (
+    ("step_cost.py", "tensorflow"),
+    ("xla_pieces.py", "tensorflow"),
+    ("fit_throughput.py", "tensorflow"),
+    ("jax_step_cost.py", "jax"),
+    ("fit_throughput.py", "jax"),
+    ("scaling.py", None),  # runs each backend itself
+)
 
 
 def main(argv=None):
@@ -38,11 +48,14 @@ def main(argv=None):
         if on
     ]
     here = os.path.dirname(os.path.abspath(__file__))
-    for script in SCRIPTS:
+    for script, backend in SCRIPTS:
         done = subprocess.run(
             [sys.executable, os.path.join(here, script), *flags],
             stdout=subprocess.PIPE,
             text=True,
+            env=dict(
+                os.environ, **({"KERAS_BACKEND": backend} if backend else {})
+            ),
         )
         sys.stdout.write(done.stdout)
         sys.stdout.write("\n")

@@ -148,6 +148,7 @@ def test_command_line_answers_without_importing_keras(argv, code, says):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("loop", [[], ["--custom-loop"]])
 def test_distributed_example_quick_mode(loop):
     # A subprocess: the example configures logical CPUs before TF starts.

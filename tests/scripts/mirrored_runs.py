@@ -474,11 +474,7 @@ def check_keras_contract(replicas=2):
                     # Each replica's share: the sum over replicas is g.
                     shares = [t / replicas for t in tensors]
 
-                    @tf.function
-                    def step(shares=shares, optimizer=optimizer, vs=vs):
-                        strategy.run(lambda: optimizer.apply(shares, vs))
-
-                    step()
+                    _replica_step(strategy, optimizer, shares, vs)()
                 else:
                     with scope():
                         optimizer.apply(tensors, vs)
@@ -508,6 +504,14 @@ def check_keras_contract(replicas=2):
                 ),
             )
     _adaptive_on_replicas(strategy, replicas)
+
+
+def _replica_step(strategy, optimizer, grads, variables):
+    @tf.function
+    def step():
+        strategy.run(lambda: optimizer.apply(grads, variables))
+
+    return step
 
 
 def _adaptive_on_replicas(strategy, replicas):
