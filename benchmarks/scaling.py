@@ -292,6 +292,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--plot", default=None)
+    parser.add_argument(
+        "--backends",
+        default="tensorflow,jax",
+        help="Comma-separated Keras backends to measure (default: both).",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -303,7 +308,8 @@ def main(argv=None):
     print("command: " + shlex.join(["python", "benchmarks/scaling.py", *argv]))
     print()
     rows = []
-    for backend in ("tensorflow", "jax"):
+    backends = [b for b in args.backends.split(",") if b]
+    for backend in backends:
         with tempfile.TemporaryDirectory() as directory:
             out = os.path.join(directory, "rows.json")
             command = [sys.executable, os.path.abspath(__file__)]
@@ -318,7 +324,7 @@ def main(argv=None):
             )
             with open(out) as f:
                 rows += json.load(f)
-    for backend in ("tensorflow", "jax"):
+    for backend in backends:
         print(f"## {backend}")
         print()
         print(_table(rows, backend, args.markdown))

@@ -2,6 +2,7 @@
 (no timing is ever asserted)."""
 
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -20,33 +21,70 @@ def _load(relative):
     return module
 
 
+# Each benchmark script in --quick mode, on the backend of this suite, with
+# rows its report must hold (run_all.py runs the same scripts).
+BENCHMARKS = {
+    "tensorflow": {
+        "step_cost.py": [
+            "ours/keras Adam (K=1)",
+            "micro / macro",
+            "noise / no noise",
+            "ours K=4 macro / ideal",
+            "statistics on / off",
+        ],
+        "xla_pieces.py": [
+            "finite check / floor",
+            "ops.erfinv / ours, net of the copy",
+        ],
+        "fit_throughput.py": [
+            "monitor overhead",
+            "ours K=4 / ours K=1",
+            "peak RSS in fit MiB",
+        ],
+        "scaling.py": ["## tensorflow", "floor"],
+    },
+    "jax": {
+        "jax_step_cost.py": ["ours Adam K=4 (macro)", "optax"],
+        "fit_throughput.py": ["monitor overhead", "ours K=4 / ours K=1"],
+        "scaling.py": ["## jax", "optax"],
+    },
+}
+
+
+def _benchmark_cases():
+    import keras
+
+    return sorted(BENCHMARKS[keras.backend.backend()].items())
+
+
 @pytest.mark.slow
-def test_benchmark_suite_quick_mode_prints_every_ratio():
+@pytest.mark.parametrize(
+    "script, rows", _benchmark_cases(), ids=lambda v: str(v)[:20]
+)
+def test_benchmark_script_quick_mode_prints_its_rows(script, rows):
+    import keras
+
+    backend = keras.backend.backend()
+    extra = ["--backends", backend] if script == "scaling.py" else []
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *extra],
         capture_output=True,
         text=True,
         timeout=600,
+        env=dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert out.rstrip().endswith("benchmark: ok")
-    # Three reports, each complete: their own last line, then the suite's.
-    assert out.count("benchmark: ok") == 4
-    for row in [
-        "ours/keras Adam (K=1)",
-        "micro / macro",
-        "noise / no noise",
-        "ours K=4 macro / ideal",
-        "statistics on / off",
-        "finite check / floor",
-        "ops.erfinv / ours, net of the copy",
-        "monitor overhead",
-        "ours K=4 / ours K=1",
-        "peak RSS in fit MiB",
-        "ours Adam K=4 (macro)",
-    ]:
-        assert row in out
+    assert out.rstrip().endswith("benchmark: ok"), out[-2000:]
+    for row in rows:
+        assert row in out, (row, out[-3000:])
+
+
+def test_run_all_names_every_benchmark_script():
+    run_all = _load("benchmarks/run_all.py")
+    listed = {script for script, _ in run_all.SCRIPTS}
+    tested = set(BENCHMARKS["tensorflow"]) | set(BENCHMARKS["jax"])
+    assert listed == tested
 
 
 @pytest.mark.slow

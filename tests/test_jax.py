@@ -197,6 +197,40 @@ def test_on_nonfinite_raise_inside_jit_is_refused_when_traced():
         optimizer.apply([np.array([1.0, np.nan, 0.0], "float32")], variables)
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_eager_apply_compiles_once_not_per_call(jit_compile):
+    """An eager `apply` is one cached `jax.jit` function, or (with
+    `jit_compile=False`) ops run one by one whose branches are decided in
+    Python: after the first cycle, further cycles compile nothing."""
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    variables = [keras.Variable(np.ones((3, 2), "float32"))]
+    optimizer = kg.Adam(
+        0.01,
+        accumulation_steps=2,
+        global_clipnorm=1.0,
+        noise_eta=0.01,
+        track_gradient_statistics=True,
+        jit_compile=jit_compile,
+    )
+    grads = [np.full((3, 2), 0.5, "float32")]
+    for _ in range(4):
+        optimizer.apply(grads, variables)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for _ in range(4):
+            optimizer.apply(grads, variables)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    assert int(optimizer.iterations) == 4
+    assert np.isfinite(ops.convert_to_numpy(variables[0])).all()
+
+
 CROSS_BACKEND_RUN = """
 import json, numpy as np, keras, keras_gradtools as kg
 from keras import ops

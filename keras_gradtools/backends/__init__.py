@@ -8,6 +8,9 @@ branches:
   the last micro-batch of a cycle, without copying what it does not touch
   (TensorFlow: a loop of zero or one trips; JAX: `lax.cond` over the
   state, threaded through a `keras.StatelessScope`).
+- `cond(predicate, true_fn, false_fn)`: `ops.cond` that, on JAX called
+  eagerly, branches in Python (a `lax.cond` outside `jax.jit` compiles
+  both branches anew on every call).
 - `apply(optimizer, grads, variables)`: run one micro-batch, compiled when
   called eagerly (`tf.function(jit_compile=True)` / `jax.jit`), or traced
   into the caller's step; under a `tf.distribute` strategy the replica and
@@ -44,3 +47,17 @@ def current():
     return importlib.import_module(
         f"keras_gradtools.backends.{keras.backend.backend()}"
     )
+
+
+def cond(predicate, true_fn, false_fn):
+    """`keras.ops.cond`, without recompiling on every eager call on JAX.
+
+    Args:
+        predicate: A scalar boolean tensor.
+        true_fn: A function of no arguments, taken when `predicate` holds.
+        false_fn: A function of no arguments, taken otherwise.
+
+    Returns:
+        What the taken function returns.
+    """
+    return current().cond(predicate, true_fn, false_fn)

@@ -66,6 +66,15 @@ def run_if(predicate, fn, state):
         variable.assign(value)
 
 
+def cond(predicate, true_fn, false_fn):
+    """`ops.cond`, branching in Python when `predicate` is concrete: a
+    `lax.cond` called eagerly traces and compiles both branches anew on
+    every call (its functions are new closures each time)."""
+    if not isinstance(predicate, jax.core.Tracer):
+        return true_fn() if bool(predicate) else false_fn()
+    return ops.cond(predicate, true_fn, false_fn)
+
+
 def _current_value(scope, variable, default):
     value = scope.get_current_value(variable)
     return default if value is None else value

@@ -22,6 +22,11 @@ from keras_gradtools.backends import private_api
 from keras_gradtools.transforms import sparse
 
 
+def cond(predicate, true_fn, false_fn):
+    """`ops.cond` (eager TensorFlow runs only the taken branch)."""
+    return ops.cond(predicate, true_fn, false_fn)
+
+
 def not_for_autograph(function):
     """`function`, marked so that AutoGraph does not convert it (nor what it
     calls) when a user's `tf.function` calls it: the pipeline has no Python

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from keras import ops
 
+from keras_gradtools import backends
 from keras_gradtools.types import TensorLike
 
 
@@ -66,4 +67,6 @@ def all_finite(
         flags = [ops.all(ops.isfinite(t)) for t in tensors]
         return ops.all(ops.stack(flags))
 
-    return ops.cond(ops.isfinite(grand_total), lambda: ops.array(True), exact)
+    return backends.cond(
+        ops.isfinite(grand_total), lambda: ops.array(True), exact
+    )
