@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from scripts.distributed_common import EQUALITY2_CASES
 from scripts.distributed_common import GLOBAL_BATCH
 from scripts.distributed_common import MULTI_WORKER_CONFIGS
 from scripts.distributed_common import custom_loop
@@ -25,16 +26,6 @@ pytestmark = pytest.mark.tensorflow_only
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 # Weights are of order 1: float32 rounding of a few updates.
 FLOAT32_ROUNDING = 5e-7
-KINDS = (
-    "sgd",
-    "adam_macro",
-    "adam_micro",
-    "adamw",
-    "wrap_rmsprop",
-    "adam_statistics",
-    "adam_micro_clip_each",
-    "adam_micro_sync",
-)
 
 
 def _results(stdout):
@@ -82,9 +73,7 @@ def _one(results, **fields):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["loop", "fit"])
-@pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, k, mode", EQUALITY2_CASES)
 def test_two_replicas_match_one_device(mirrored, kind, k, mode):
     result = _one(
         mirrored, check="equality", replicas=2, kind=kind, k=k, mode=mode

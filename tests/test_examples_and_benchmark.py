@@ -44,7 +44,11 @@ BENCHMARKS = {
         "scaling.py": ["## tensorflow", "floor"],
     },
     "jax": {
-        "jax_step_cost.py": ["ours Adam K=4 (macro)", "optax"],
+        "jax_step_cost.py": [
+            "ours Adam K=4 macro",
+            "optax.MultiSteps",
+            "statistics on / off",
+        ],
         "fit_throughput.py": ["monitor overhead", "ours K=4 / ours K=1"],
         "scaling.py": ["## jax", "optax"],
     },
@@ -78,6 +82,39 @@ def test_benchmark_script_quick_mode_prints_its_rows(script, rows):
     assert out.rstrip().endswith("benchmark: ok"), out[-2000:]
     for row in rows:
         assert row in out, (row, out[-3000:])
+
+
+@pytest.mark.slow
+def test_adaptive_batch_evidence_quick_mode(tmp_path):
+    """The evidence script of the README's "Adaptive batch size" section:
+    both problems, the three policies, a table each and the PNG."""
+    import keras
+
+    picture = tmp_path / "adaptive.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "adaptive_batch.py"),
+            "--quick",
+            "--plot",
+            str(picture),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(
+            os.environ,
+            KERAS_BACKEND=keras.backend.backend(),
+            TF_CPP_MIN_LOG_LEVEL="3",
+        ),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.rstrip().endswith("benchmark: ok")
+    assert out.count("| policy") + out.count("policy ") >= 2, out
+    for policy in ("fixed 32", "fixed 256", "adaptive"):
+        assert out.count(policy) >= 2, (policy, out)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_all_names_every_benchmark_script():
@@ -206,3 +243,21 @@ def test_distributed_example_quick_mode(loop):
     assert "replicas' weights bitwise identical: True" in out
     difference = float(out.split("w(one device)| = ")[1].split()[0])
     assert difference <= 5e-7
+
+
+@pytest.mark.slow
+@pytest.mark.jax_only
+def test_distributed_jax_example_quick_mode():
+    # A subprocess: the example forces CPU devices before JAX starts.
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "examples/distributed_jax.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    assert "devices' weights bitwise identical: True" in out
+    difference = float(out.split("w(one device)| = ")[1].split()[0])
+    assert difference <= 5e-6

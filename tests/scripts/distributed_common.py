@@ -75,6 +75,24 @@ def make_optimizer(kind, k, **overrides):
 
 
 GLOBAL_BATCH = 8
+
+# The 2-replica equality matrix: every configuration with K = 4 through
+# both the custom loop and fit; K = 1 (the same replica/cross-replica
+# halves, updating every micro-batch) through fit for one configuration
+# per update rule.
+EQUALITY2_KINDS = (
+    "sgd",
+    "adam_macro",
+    "adam_micro",
+    "adamw",
+    "wrap_rmsprop",
+    "adam_statistics",
+    "adam_micro_clip_each",
+    "adam_micro_sync",
+)
+EQUALITY2_CASES = tuple(
+    (kind, 4, mode) for kind in EQUALITY2_KINDS for mode in ("loop", "fit")
+) + tuple((kind, 1, "fit") for kind in ("sgd", "adam_macro", "wrap_rmsprop"))
 # Multi-worker runs: name -> (optimizer kind, accumulation steps).
 MULTI_WORKER_CONFIGS = {
     "adam_macro_k4": ("adam_macro", 4),

@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy_reference as reference  # noqa: E402
 
 import keras_gradtools as kg  # noqa: E402
+from scripts.distributed_common import EQUALITY2_CASES  # noqa: E402
 from scripts.distributed_common import custom_loop  # noqa: E402
 from scripts.distributed_common import data  # noqa: E402
 from scripts.distributed_common import make_model  # noqa: E402
@@ -112,16 +113,6 @@ def max_difference(a, b):
     )
 
 
-EQUALITY_KINDS = (
-    "sgd",
-    "adam_macro",
-    "adam_micro",
-    "adamw",
-    "wrap_rmsprop",
-    "adam_statistics",
-    "adam_micro_clip_each",
-    "adam_micro_sync",
-)
 # On 3 replicas: the custom loop, K = 4, one configuration per path.
 EQUALITY3_KINDS = ("adam_macro", "adam_micro_sync", "wrap_rmsprop")
 
@@ -131,12 +122,7 @@ def check_equality(replica_counts):
         global_batch = 4 * replicas
         x, y = data(global_batch, 8)
         if replicas == 2:
-            cases = [
-                (kind, k, mode)
-                for kind in EQUALITY_KINDS
-                for k in (1, 4)
-                for mode in ("loop", "fit")
-            ]
+            cases = list(EQUALITY2_CASES)
         else:
             cases = [(kind, 4, "loop") for kind in EQUALITY3_KINDS]
         references = {}
