@@ -85,9 +85,12 @@ def test_benchmark_script_quick_mode_prints_its_rows(script, rows):
 
 
 @pytest.mark.slow
+@pytest.mark.jax_only
 def test_adaptive_batch_evidence_quick_mode(tmp_path):
     """The evidence script of the README's "Adaptive batch size" section:
-    both problems, the three policies, a table each and the PNG."""
+    both problems, the three policies, a table each and the PNG (in the JAX
+    suite, the lighter of the two; AdaptiveAccumulation itself is tested on
+    both backends in test_adaptive_accumulation.py)."""
     import keras
 
     picture = tmp_path / "adaptive.png"
