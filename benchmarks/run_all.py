@@ -11,9 +11,10 @@ and a memory-bandwidth floor), `benchmarks/xla_pieces.py` (TensorFlow: the
 finite check, a sum of squares and the noise on their own),
 `benchmarks/fit_throughput.py` on both backends (`model.fit` samples per
 second, the monitor's overhead, peak memory), `benchmarks/jax_step_cost.py`
-(JAX: ours against optax and Keras) and `benchmarks/scaling.py` on both
-backends (cost against model size and tensor count), and prints the
-reports. `--quick` shrinks every one to a
+(JAX: ours against optax and Keras), `benchmarks/jax_allreduce.py` (JAX:
+an all-reduce per micro-batch against a local sum) and
+`benchmarks/scaling.py` on both backends (cost against model size and
+tensor count), and prints the reports. `--quick` shrinks every one to a
 format smoke test (CI runs it); timings are never asserted. Exits with the
 first failing script's status, else prints `benchmark: ok` last.
 """
@@ -30,6 +31,7 @@ SCRIPTS = (
     ("fit_throughput.py", "tensorflow"),
     ("jax_step_cost.py", "jax"),
     ("fit_throughput.py", "jax"),
+    ("jax_allreduce.py", "jax"),
     ("scaling.py", None),  # runs each backend itself
 )
 

@@ -50,6 +50,7 @@ BENCHMARKS = {
             "statistics on / off",
         ],
         "fit_throughput.py": ["monitor overhead", "ours K=4 / ours K=1"],
+        "jax_allreduce.py": ["all-reduce ms", "local s + g ms"],
         "scaling.py": ["## jax", "optax"],
     },
 }
