@@ -53,9 +53,10 @@ CONFIGS = (
     (f"ours Adam K={K} micro", "ours_micro", K),
     (
         f'ours Adam K={K} macro + statistics on_nonfinite="apply"',
-        "ours_macro_statistics",
+        "ours_macro_statistics_apply",
         K,
     ),
+    (f"ours Adam K={K} macro + statistics", "ours_macro_statistics", K),
 )
 
 # (label, numerator, denominator or "ideal", target)
@@ -96,10 +97,16 @@ RATIOS = (
         1.15,
     ),
     (
-        f"statistics on / off (K={K} macro)",
+        f"statistics on / off (K={K} macro, default)",
         "ours_macro_statistics",
-        "ours_macro_apply",
+        "ours_macro",
         1.1,
+    ),
+    (
+        f"statistics on / off (K={K} macro, like with like)",
+        "ours_macro_statistics_apply",
+        "ours_macro_apply",
+        None,
     ),
     ("optax MultiSteps / ideal", "optax_multisteps", "ideal", None),
     (f"keras K={K} / ideal", "keras_adam_k", "ideal", None),
@@ -227,12 +234,18 @@ def _keras_optimizer(key):
         "ours_micro": lambda: kg.Adam(
             1e-3, accumulation_steps=K, second_moment="micro"
         ),
-        "ours_macro_statistics": lambda: kg.Adam(
+        "ours_macro_statistics_apply": lambda: kg.Adam(
             1e-3,
             accumulation_steps=K,
             second_moment="macro",
             track_gradient_statistics=True,
             **apply,
+        ),
+        "ours_macro_statistics": lambda: kg.Adam(
+            1e-3,
+            accumulation_steps=K,
+            second_moment="macro",
+            track_gradient_statistics=True,
         ),
     }[key]()
 

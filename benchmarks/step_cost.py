@@ -76,7 +76,13 @@ CONFIGS = (
         "ours_adam_k_statistics",
         K,
     ),
+    (
+        f"ours Adam K={K} macro track_gradient_statistics",
+        "ours_adam_k_macro_statistics",
+        K,
+    ),
     ("ours Adam noise_eta=0.01", "ours_adam_noise", 1),
+    ("ours Adam global_clipnorm=1", "ours_adam_clip", 1),
     (
         f"ours Adam K={K} micro + noise + global_clipnorm=1",
         "ours_adam_k_full",
@@ -130,10 +136,22 @@ RATIOS = (
     ),
     ("noise / no noise (ours Adam K=1)", "ours_adam_noise", "ours_adam", 3.0),
     (
+        "global_clipnorm / without (ours Adam K=1)",
+        "ours_adam_clip",
+        "ours_adam",
+        1.15,
+    ),
+    (
         f"statistics on / off (ours K={K} micro)",
         "ours_adam_k_statistics",
         "ours_adam_k_micro",
-        None,
+        1.1,
+    ),
+    (
+        f"statistics on / off (ours K={K} macro)",
+        "ours_adam_k_macro_statistics",
+        "ours_adam_k_macro",
+        1.1,
     ),
     ("full pipeline / ideal", "ours_adam_k_full", "ideal", None),
     (
@@ -232,7 +250,13 @@ def _make_optimizer(key):
             second_moment="micro",
             track_gradient_statistics=True,
         ),
+        "ours_adam_k_macro_statistics": lambda: kg.Adam(
+            accumulation_steps=K,
+            second_moment="macro",
+            track_gradient_statistics=True,
+        ),
         "ours_adam_noise": lambda: kg.Adam(noise_eta=0.01, noise_seed=1),
+        "ours_adam_clip": lambda: kg.Adam(global_clipnorm=1.0),
         "ours_adam_k_full": lambda: kg.Adam(
             accumulation_steps=K,
             second_moment="micro",
@@ -474,7 +498,9 @@ def main(argv=None):
         "ours_adam_k_micro": "keras_adam_k",
         "ours_adam_k_macro_apply": "keras_adam_k",
         "ours_adam_k_statistics": "keras_adam_k",
+        "ours_adam_k_macro_statistics": "keras_adam_k",
         "ours_adam_noise": "keras_adam",
+        "ours_adam_clip": "keras_adam",
         "ours_adam_k_full": "keras_adam_k",
     }
     by_key = {case.key: case for case in cases}

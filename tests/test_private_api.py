@@ -104,3 +104,23 @@ def test_multi_worker_fit_internals_are_as_expected():
     changed.compile(optimizer="sgd", loss="mse")
     with pytest.raises(RuntimeError, match="_maybe_symbolic_build takes"):
         private_api.check_multi_worker_fit_internals(changed)
+
+
+@pytest.mark.parametrize(
+    "update_freq, asynchronous", [("epoch", True), (5, False)]
+)
+def test_the_monitor_keeps_kerass_asynchronous_batch_dispatch_per_epoch(
+    update_freq, asynchronous
+):
+    """Keras runs `fit`'s batch hooks asynchronously (not waiting for each
+    step's logs) only while no callback overrides them (Keras's
+    `utils.is_default` marker, read by `CallbackList`): the monitor measuring
+    per epoch must not turn that off; measuring every N batches must."""
+    from keras.src.utils.python_utils import is_default
+
+    monitor = kg.GradientVarianceMonitor(update_freq=update_freq)
+    assert bool(is_default(monitor.on_train_batch_end)) is asynchronous
+    from keras.src.backend import IS_THREAD_SAFE
+
+    callbacks = keras.callbacks.CallbackList([monitor])
+    assert callbacks._async_train is (asynchronous and IS_THREAD_SAFE)

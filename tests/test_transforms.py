@@ -171,6 +171,21 @@ def test_reductions(tensors):
     assert bool(transforms.all_finite(big, transforms.square_norms(big)))
 
 
+@pytest.mark.parametrize("size", [5, 2047, 2048, 3 * 1024 + 17, 40_000])
+def test_blocked_sum_and_square_norms_of_large_tensors(rng, size):
+    """The matrix-vector form of a sum (TensorFlow's square norms) and the
+    backend's square sum, on sizes below, at and between whole blocks."""
+    flat = rng.normal(size=size).astype("float32")
+    exact = float(flat.astype(np.float64).sum())
+    scale = float(np.abs(flat).astype(np.float64).sum())
+    assert abs(float(transforms.blocked_sum(flat)) - exact) <= 1e-6 * scale
+    matrix = flat.reshape(1, -1)
+    (norm,) = transforms.square_norms([matrix])
+    assert float(norm) == pytest.approx(
+        float((flat.astype(np.float64) ** 2).sum()), rel=1e-6
+    )
+
+
 def test_noise_schedule_and_one_draw_per_model():
     for t in (0, 1, 7):
         assert float(transforms.noise_std(0.3, 0.55, t)) == pytest.approx(

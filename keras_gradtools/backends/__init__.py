@@ -11,6 +11,8 @@ branches:
 - `cond(predicate, true_fn, false_fn)`: `ops.cond` that, on JAX called
   eagerly, branches in Python (a `lax.cond` outside `jax.jit` compiles
   both branches anew on every call).
+- `square_sum(tensor)`: `sum(tensor**2)` in the form the backend's XLA
+  compiles to one fast pass.
 - `apply(optimizer, grads, variables)`: run one micro-batch, compiled when
   called eagerly (`tf.function(jit_compile=True)` / `jax.jit`), or traced
   into the caller's step; under a `tf.distribute` strategy the replica and
@@ -61,3 +63,16 @@ def cond(predicate, true_fn, false_fn):
         What the taken function returns.
     """
     return current().cond(predicate, true_fn, false_fn)
+
+
+def square_sum(tensor):
+    """Returns `sum(tensor**2)` as one float32 scalar, in the form the
+    active backend compiles fastest.
+
+    Args:
+        tensor: A float32 tensor of any shape.
+
+    Returns:
+        A scalar tensor.
+    """
+    return current().square_sum(tensor)

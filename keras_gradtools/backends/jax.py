@@ -75,6 +75,12 @@ def cond(predicate, true_fn, false_fn):
     return ops.cond(predicate, true_fn, false_fn)
 
 
+def square_sum(tensor):
+    """`sum(tensor**2)` over a flat view: JAX's XLA fuses the square into
+    one vectorised reduction (measured as fast as a plain sum)."""
+    return ops.sum(ops.square(ops.reshape(tensor, (-1,))))
+
+
 def _current_value(scope, variable, default):
     value = scope.get_current_value(variable)
     return default if value is None else value

@@ -107,6 +107,14 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             update_freq = validation.check_int("update_freq", update_freq, 1)
         self.log_dir = log_dir
         self.update_freq = update_freq
+        if update_freq == "epoch":
+            # Measuring per epoch needs no batch hook. Keras dispatches the
+            # batch hooks of `fit` asynchronously, without waiting for each
+            # step's logs, only while no callback overrides them: this
+            # instance takes the base class's (marked as the default).
+            self.on_train_batch_end = (
+                keras.callbacks.Callback.on_train_batch_end.__get__(self)
+            )
         self.probe_data = probe_data
         self.probe_batches = validation.check_int(
             "probe_batches", probe_batches, 2

@@ -14,6 +14,7 @@ from keras_gradtools.transforms.clipping import needs_square_norms
 from keras_gradtools.transforms.noise import gaussian_noise
 from keras_gradtools.transforms.noise import noise_std
 from keras_gradtools.transforms.reductions import all_finite
+from keras_gradtools.transforms.reductions import blocked_sum
 from keras_gradtools.transforms.reductions import flat_sum
 from keras_gradtools.transforms.reductions import global_norm
 from keras_gradtools.transforms.reductions import square_norms
@@ -27,6 +28,7 @@ from keras_gradtools.transforms.threefry import threefry2x32
 
 __all__ = [
     "all_finite",
+    "blocked_sum",
     "clip_gradients",
     "flat_sum",
     "gaussian_noise",
