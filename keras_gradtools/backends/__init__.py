@@ -11,8 +11,9 @@ branches:
 - `cond(predicate, true_fn, false_fn)`: `ops.cond` that, on JAX called
   eagerly, branches in Python (a `lax.cond` outside `jax.jit` compiles
   both branches anew on every call).
-- `square_sum(tensor)`: `sum(tensor**2)` in the form the backend's XLA
-  compiles to one fast pass.
+- `flat_sum(tensor)`, `square_sum(tensor)`: `sum(tensor)` and
+  `sum(tensor**2)` in the form the backend's XLA compiles to one fast
+  pass.
 - `apply(optimizer, grads, variables)`: run one micro-batch, compiled when
   called eagerly (`tf.function(jit_compile=True)` / `jax.jit`), or traced
   into the caller's step; under a `tf.distribute` strategy the replica and
@@ -63,6 +64,19 @@ def cond(predicate, true_fn, false_fn):
         What the taken function returns.
     """
     return current().cond(predicate, true_fn, false_fn)
+
+
+def flat_sum(tensor):
+    """Returns `sum(tensor)` as one scalar, in the form the active backend
+    compiles fastest.
+
+    Args:
+        tensor: A tensor of any shape.
+
+    Returns:
+        A scalar tensor.
+    """
+    return current().flat_sum(tensor)
 
 
 def square_sum(tensor):

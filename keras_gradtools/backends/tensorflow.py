@@ -27,10 +27,17 @@ def cond(predicate, true_fn, false_fn):
     return ops.cond(predicate, true_fn, false_fn)
 
 
+def flat_sum(tensor):
+    """`sum(tensor)` as a matrix-vector product with ones: TensorFlow's XLA
+    on CPU compiles a dot to a library call that reads at memory speed,
+    and reductions to slower loops (`benchmarks/xla_pieces.py`)."""
+    return transforms.blocked_sum(ops.reshape(tensor, (-1,)))
+
+
 def square_sum(tensor):
     """`sum(tensor**2)` as a matrix-vector product with ones: TensorFlow's
-    XLA on CPU compiles `sum(t**2)` to a slow fused loop (measured 3.4x a
-    plain sum, 4M parameters) and a dot to a library call."""
+    XLA on CPU compiles `sum(t**2)` to a slow fused loop (measured 4.3x
+    slower at 4M parameters) and a dot to a library call."""
     return transforms.blocked_sum(ops.square(ops.reshape(tensor, (-1,))))
 
 
