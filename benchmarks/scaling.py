@@ -3,6 +3,7 @@
 Usage:
 
     python benchmarks/scaling.py [--quick] [--markdown] [--plot PATH]
+                                 [--rows-json PATH] [--replot ROWS.json]
 
 On each backend (a process of its own), for models of 0.25M to 64M
 float32 parameters in 8 tensors, and for 4M parameters in 4 to 256 tensors:
@@ -258,21 +259,29 @@ def plot(rows, path):
             (row[0], "params", "tensors", 8 if fewest <= 8 else fewest),
             (row[1], "tensors", "params", None),
         ):
-            if fixed is None:
-                counts = {}
-                for r in mine:
-                    counts[r["params"]] = counts.get(r["params"], 0) + 1
-                fixed = max(counts, key=counts.get)
             for config in dict.fromkeys(r["config"] for r in mine):
                 points = sorted(
                     (r[vary], r["per_micro_batch_ms"])
                     for r in mine
-                    if r["config"] == config and r[fixed_key] == fixed
+                    if r["config"] == config
+                    and (
+                        r[fixed_key] == fixed
+                        if fixed is not None
+                        # The tensor sweep: every layout of about
+                        # FIXED_SIZE parameters (shapes round the total).
+                        else abs(r["params"] / FIXED_SIZE - 1) < 0.05
+                    )
                 )
                 if points:
                     axis.plot(*zip(*points), marker="o", label=config)
             axis.set_xscale("log")
             axis.set_yscale("log")
+            ticks = sorted(
+                {x for line in axis.get_lines() for x in line.get_xdata()}
+            )
+            if vary == "tensors":
+                axis.set_xticks(ticks, [str(int(t)) for t in ticks])
+                axis.minorticks_off()
             axis.set_xlabel(
                 "parameters" if vary == "params" else "tensors (same total)"
             )
@@ -297,11 +306,26 @@ def main(argv=None):
         default="tensorflow,jax",
         help="Comma-separated Keras backends to measure (default: both).",
     )
+    parser.add_argument(
+        "--rows-json",
+        default=None,
+        help="Also write the measured rows (floor included) to this file.",
+    )
+    parser.add_argument(
+        "--replot",
+        default=None,
+        help="Draw --plot from a --rows-json file instead of measuring.",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.quick, args.out)
+        return 0
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.plot)
+        print(f"picture: {args.plot}")
         return 0
     print("# Cost against model size and tensor count")
     print()
@@ -329,6 +353,9 @@ def main(argv=None):
         print()
         print(_table(rows, backend, args.markdown))
         print()
+    if args.rows_json:
+        with open(args.rows_json, "w") as f:
+            json.dump(rows, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
         print(f"picture: {args.plot}")
