@@ -5,7 +5,11 @@
 One `python -m pytest` per backend (KERAS_BACKEND=tensorflow and
 KERAS_BACKEND=jax: one process can hold only one Keras backend), started
 together so that the two share the machine's cores, each writing its
-report to the terminal when it ends. Exits with 0 only if both pass.
+report (with its slowest tests) to the terminal when it ends. The
+TensorFlow suite, the longer one, runs its test files on two pytest-xdist
+workers (`--dist loadfile`: a file's module fixtures run once), so that
+it keeps both cores busy once the JAX suite is done. Exits with 0 only if
+both pass.
 """
 
 import os
@@ -15,6 +19,8 @@ import tempfile
 import time
 
 BACKENDS = ("tensorflow", "jax")
+# pytest-xdist workers per backend (1: no xdist).
+WORKERS = {"tensorflow": 2, "jax": 1}
 
 
 def main(argv=None):
@@ -25,8 +31,18 @@ def main(argv=None):
     for backend in BACKENDS:
         log = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, KERAS_BACKEND=backend)
+        workers = WORKERS[backend]
+        parallel = ["-n", str(workers), "--dist", "loadfile"] * (workers > 1)
         process = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", *argv],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "--durations=15",
+                *parallel,
+                *argv,
+            ],
             cwd=root,
             env=env,
             stdout=log,
