@@ -56,17 +56,10 @@ def digits_problem(seed):
     )
 
     def model():
-        import keras
+        # The demo's MLP (64-128-64-10), seeded the same way.
+        from keras_gradtools.demo import build_model
 
-        keras.utils.set_random_seed(seed)
-        return keras.Sequential(
-            [
-                keras.Input((64,)),
-                keras.layers.Dense(128, activation="relu"),
-                keras.layers.Dense(64, activation="relu"),
-                keras.layers.Dense(10),
-            ]
-        )
+        return build_model(seed)
 
     return {
         "name": "digits",
