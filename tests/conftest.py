@@ -22,7 +22,11 @@ BACKEND_MARKERS = {"tensorflow_only": "tensorflow", "jax_only": "jax"}
 # TensorFlow into a JAX test run would be wasteful and hide a missing
 # `import tensorflow` guard).
 BACKEND_MODULES = {
-    "tensorflow": ["test_xla_and_fit.py", "test_distributed.py"],
+    "tensorflow": [
+        "test_xla_and_fit.py",
+        "test_distributed.py",
+        "test_multi_worker.py",
+    ],
     "jax": ["test_jax.py", "test_jax_distribution.py"],
 }
 collect_ignore = [
@@ -33,7 +37,30 @@ collect_ignore = [
 ]
 
 
+# The modules with the longest setup (subprocesses training under real
+# strategies and device meshes, benchmark and example scripts), run first:
+# pytest-xdist hands whole files to its workers in collection order
+# (`--dist loadfile`), so the longest ones must not start last.
+LONGEST_FIRST = (
+    "test_distributed.py",
+    "test_jax_distribution.py",
+    "test_multi_worker.py",
+    "test_benchmarks.py",
+    "test_examples.py",
+)
+
+
+def _longest_first(item):
+    name = item.path.name
+    return (
+        LONGEST_FIRST.index(name)
+        if name in LONGEST_FIRST
+        else len(LONGEST_FIRST)
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_longest_first)  # stable: file order kept otherwise
     backend = keras.backend.backend()
     selected, deselected = [], []
     for item in items:

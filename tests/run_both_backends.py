@@ -5,11 +5,12 @@
 One `python -m pytest` per backend (KERAS_BACKEND=tensorflow and
 KERAS_BACKEND=jax: one process can hold only one Keras backend), started
 together so that the two share the machine's cores, each writing its
-report (with its slowest tests) to the terminal when it ends. The
-TensorFlow suite, the longer one, runs its test files on two pytest-xdist
-workers (`--dist loadfile`: a file's module fixtures run once), so that
-it keeps both cores busy once the JAX suite is done. Exits with 0 only if
-both pass.
+report (with its slowest tests) to the terminal when it ends. Each suite
+runs its test files on two pytest-xdist workers (`--dist loadfile`: a
+file's module fixtures run once; the longest files are handed out first,
+see conftest.py), so that the cores stay busy while a test waits on its
+subprocesses and after either suite is done. Exits with 0 only if both
+pass.
 """
 
 import os
@@ -20,7 +21,7 @@ import time
 
 BACKENDS = ("tensorflow", "jax")
 # pytest-xdist workers per backend (1: no xdist).
-WORKERS = {"tensorflow": 2, "jax": 1}
+WORKERS = {"tensorflow": 2, "jax": 2}
 
 
 def main(argv=None):

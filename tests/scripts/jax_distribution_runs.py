@@ -4,7 +4,9 @@
 
 Sets `--xla_force_host_platform_device_count=DEVICES` before JAX starts,
 runs each comma-separated check and prints one `RESULT {json}` line per
-result. Checks:
+result. `CHECK:N` runs a check on the first N of the devices (a mesh of N
+devices: one process serves every device count, saving JAX's start-up
+and compilations per count). Checks:
 
 - `data_parallel`: `model.fit` under `DataParallel` for every optimizer and
   K in {1, 4}, noise and global-norm clipping on, against one device on the
@@ -124,18 +126,21 @@ def differing_copies(model):
     return differing
 
 
-def check_data_parallel():
+def data_parallel(used):
+    """`DataParallel` over the first `used` devices of this process."""
+    return keras.distribution.DataParallel(devices=jax.devices()[:used])
+
+
+def check_data_parallel(used):
     x, y = data()
-    kinds = KINDS if devices == 2 else ("adam_micro", "sgd")
+    kinds = KINDS if used == 2 else ("adam_micro", "sgd")
     for kind in kinds:
         for k in (1, 4):
             single = train(None, kind, k, x, y)
-            distributed = train(
-                keras.distribution.DataParallel(), kind, k, x, y
-            )
+            distributed = train(data_parallel(used), kind, k, x, y)
             report(
                 check="data_parallel",
-                devices=devices,
+                devices=used,
                 kind=kind,
                 k=k,
                 max_abs_difference=max_difference(
@@ -234,7 +239,7 @@ def _closure(computations, roots):
     return seen
 
 
-def check_collectives():
+def check_collectives(used):
     x, y = data()
     configs = {
         "ours Adam K=4 macro": lambda: kg.Adam(
@@ -255,18 +260,18 @@ def check_collectives():
         ),
     }
     for name, make in configs.items():
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        keras.distribution.set_distribution(data_parallel(used))
         model = make_model(make())
         fit(model, x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], epochs=1)
         counts = collective_counts(model, x, y)
         keras.distribution.set_distribution(None)
-        report(check="collectives", devices=devices, config=name, **counts)
+        report(check="collectives", devices=used, config=name, **counts)
 
 
-def check_model_parallel():
+def check_model_parallel(used):
     x, y = data()
     mesh = keras.distribution.DeviceMesh(
-        (2, devices // 2), ("batch", "model"), jax.devices()
+        (2, used // 2), ("batch", "model"), jax.devices()[:used]
     )
     layouts = keras.distribution.LayoutMap(mesh)
     layouts["dense_a/kernel"] = (None, "model")
@@ -289,7 +294,7 @@ def check_model_parallel():
                         mismatched.append(slot.path)
         report(
             check="model_parallel",
-            devices=devices,
+            devices=used,
             kind=kind,
             kernel_spec=str(model.trainable_variables[0].value.sharding.spec),
             mismatched_layouts=mismatched,
@@ -302,9 +307,9 @@ def check_model_parallel():
 SAVE_KIND, SAVE_K = "adam_micro", 4
 
 
-def check_save():
+def check_save(used):
     x, y = data()
-    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    keras.distribution.set_distribution(data_parallel(used))
     model = make_model(make_optimizer(SAVE_KIND, SAVE_K))
     fit(model, x[: 6 * GLOBAL_BATCH], y[: 6 * GLOBAL_BATCH], epochs=1)
     model.save(os.path.join(out_dir, "mid_cycle.keras"))
@@ -312,21 +317,21 @@ def check_save():
     np.savez(os.path.join(out_dir, "continued.npz"), *model.get_weights())
     report(
         check="save",
-        devices=devices,
+        devices=used,
         micro_steps=int(model.optimizer.micro_steps.numpy()),
     )
 
 
-def check_restore():
+def check_restore(used):
     x, y = data()
-    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    keras.distribution.set_distribution(data_parallel(used))
     model = keras.saving.load_model(os.path.join(out_dir, "mid_cycle.keras"))
     restored_steps = int(model.optimizer.micro_steps.numpy())
     fit(model, x[6 * GLOBAL_BATCH :], y[6 * GLOBAL_BATCH :], epochs=1)
     reference = np.load(os.path.join(out_dir, "continued.npz"))
     report(
         check="restore",
-        devices=devices,
+        devices=used,
         micro_steps_restored=restored_steps,
         max_abs_difference=max_difference(
             model.get_weights(),
@@ -335,11 +340,11 @@ def check_restore():
     )
 
 
-def check_monitor():
+def check_monitor(used):
     """The known noise scale (helpers.linear_regression) under DataParallel:
     the batch size the monitor sees is the global one."""
     x, y, expected = linear_regression(4096, seed=2)
-    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    keras.distribution.set_distribution(data_parallel(used))
     model = frozen_linear_model(kg.SGD(0.0, accumulation_steps=8))
     log_dir = os.path.join(out_dir, "monitor_logs")
     monitor = kg.GradientVarianceMonitor(log_dir=log_dir, verbose=0)
@@ -348,7 +353,7 @@ def check_monitor():
     )
     report(
         check="monitor",
-        devices=devices,
+        devices=used,
         expected_noise_scale=expected,
         measured=history.history["grad_noise_scale"][-1],
         batch_size=monitor.records[-1]["batch_size"],
@@ -356,11 +361,11 @@ def check_monitor():
     )
 
 
-def check_adaptive():
+def check_adaptive(used):
     """AdaptiveAccumulation under DataParallel: one K (a replicated
     scalar) for every device, near the known noise scale."""
     x, y, expected = linear_regression(4096, seed=2)
-    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    keras.distribution.set_distribution(data_parallel(used))
     optimizer = kg.SGD(0.0, max_accumulation_steps=32)
     model = frozen_linear_model(optimizer)
     adaptive = kg.AdaptiveAccumulation(32, update_freq=64)
@@ -368,7 +373,7 @@ def check_adaptive():
     steps = optimizer._accumulator.steps.value
     report(
         check="adaptive",
-        devices=devices,
+        devices=used,
         expected_noise_scale=expected,
         effective_batch=optimizer.accumulation_steps * 4,
         per_device=[int(np.asarray(s.data)) for s in steps.addressable_shards],
@@ -378,4 +383,6 @@ def check_adaptive():
 if __name__ == "__main__":
     assert len(jax.devices()) == devices, jax.devices()
     for check in checks:
-        globals()[f"check_{check}"]()
+        name, _, used = check.partition(":")
+        globals()[f"check_{name}"](int(used or devices))
+        keras.distribution.set_distribution(None)

@@ -454,13 +454,12 @@ def check_keras_contract(replicas=2):
             vs[1].constraint = keras.constraints.NonNeg()
             with scope():
                 optimizer.build(vs)
+            replica_step = _replica_step(strategy, optimizer, vs)
             for g in grads:
                 tensors = [tf.constant(x) for x in g]
                 if where == "replica":
                     # Each replica's share: the sum over replicas is g.
-                    shares = [t / replicas for t in tensors]
-
-                    _replica_step(strategy, optimizer, shares, vs)()
+                    replica_step([t / replicas for t in tensors])
                 else:
                     with scope():
                         optimizer.apply(tensors, vs)
@@ -492,10 +491,13 @@ def check_keras_contract(replicas=2):
     _adaptive_on_replicas(strategy, replicas)
 
 
-def _replica_step(strategy, optimizer, grads, variables):
+def _replica_step(strategy, optimizer, variables):
+    """One traced step (not one per call) applying `grads` in every
+    replica."""
+
     @tf.function
-    def step():
-        strategy.run(lambda: optimizer.apply(grads, variables))
+    def step(grads):
+        strategy.run(lambda g: optimizer.apply(g, variables), args=(grads,))
 
     return step
 
