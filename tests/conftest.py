@@ -25,6 +25,7 @@ BACKEND_MODULES = {
     "tensorflow": [
         "test_xla_and_fit.py",
         "test_distributed.py",
+        "test_distributed_equality.py",
         "test_multi_worker.py",
     ],
     "jax": ["test_jax.py", "test_jax_distribution.py"],
@@ -40,9 +41,11 @@ collect_ignore = [
 # The modules with the longest setup (subprocesses training under real
 # strategies and device meshes, benchmark and example scripts), run first:
 # pytest-xdist hands whole files to its workers in collection order
-# (`--dist loadfile`), so the longest ones must not start last.
+# (`--dist loadfile --no-loadscope-reorder`, run_both_backends.py), so the
+# longest ones must not start last.
 LONGEST_FIRST = (
     "test_distributed.py",
+    "test_distributed_equality.py",
     "test_jax_distribution.py",
     "test_multi_worker.py",
     "test_benchmarks.py",

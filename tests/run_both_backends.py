@@ -33,7 +33,10 @@ def main(argv=None):
         log = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, KERAS_BACKEND=backend)
         workers = WORKERS[backend]
-        parallel = ["-n", str(workers), "--dist", "loadfile"] * (workers > 1)
+        parallel = ["-n", str(workers), "--dist", "loadfile"]
+        # Hand files out in collection order (longest first, conftest.py),
+        # not reordered by their number of tests.
+        parallel = (parallel + ["--no-loadscope-reorder"]) * (workers > 1)
         process = subprocess.Popen(
             [
                 sys.executable,

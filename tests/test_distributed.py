@@ -2,8 +2,10 @@
 
 MirroredStrategy runs in a subprocess with 3 logical CPUs (logical devices
 must be set before TensorFlow starts) and is compared with a single-device
-run on the same global batches. MultiWorkerMirroredStrategy, whose worker
-processes run on 127.0.0.1, is in test_multi_worker.py.
+run on the same global batches; the 2-replica equality matrix is in
+test_distributed_equality.py (a process of its own, run in parallel with
+this file's). MultiWorkerMirroredStrategy, whose worker processes run on
+127.0.0.1, is in test_multi_worker.py.
 """
 
 import json
@@ -12,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-from scripts.distributed_common import EQUALITY2_CASES
 
 pytestmark = pytest.mark.tensorflow_only
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
@@ -46,11 +47,12 @@ def _run_mirrored(checks, directory):
 
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
-    """Every MirroredStrategy check: a process for 2 replicas (which also
-    saves the mid-cycle state), then one for 3 (collective groups of two
-    sizes do not mix in one process)."""
+    """The MirroredStrategy checks but the 2-replica equality matrix
+    (test_distributed_equality.py, run beside these): a process for 2
+    replicas (which also saves the mid-cycle state), then one for 3
+    (collective groups of two sizes do not mix in one process)."""
     directory = tmp_path_factory.mktemp("mirrored")
-    two = ("equality", "estimator", "monitor", "save_mid_cycle", "restore")
+    two = ("estimator", "monitor", "save_mid_cycle", "restore")
     two += ("clip_after_sum", "keras_contract")
     results = _run_mirrored(two, directory)
     return results + _run_mirrored(("equality3", "restore3"), directory)
@@ -62,25 +64,6 @@ def _one(results, **fields):
     ]
     assert len(found) == 1, f"expected one result for {fields}: {found}"
     return found[0]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind, k, mode", EQUALITY2_CASES)
-def test_two_replicas_match_one_device(mirrored, kind, k, mode):
-    result = _one(
-        mirrored, check="equality", replicas=2, kind=kind, k=k, mode=mode
-    )
-    assert result["differing_replicas"] == []
-    assert result["iterations"][0] == result["iterations"][1] == 8 // k
-    assert result["micro_steps"] == [8, 8]
-    # The noise is the same draw: same schedule, same seed, same counter.
-    assert result["noise_std"][0] == result["noise_std"][1] > 0
-    if kind == "adam_micro" and k > 1:
-        # Replicas are extra samples of the variance (DESIGN.md §5): not the
-        # single-device update, checked against NumPy in the next test.
-        assert result["max_abs_difference"] > 1e-3
-    else:
-        assert result["max_abs_difference"] <= FLOAT32_ROUNDING
 
 
 @pytest.mark.slow
