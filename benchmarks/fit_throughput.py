@@ -298,7 +298,7 @@ def memory(quick):
     width = 600 if quick else 7000  # 7000**2 + 7000*10 ~ 49M parameters
     bench_dir = os.path.dirname(os.path.abspath(__file__))
     results = []
-    configs = MEMORY_CONFIGS[:2] if quick else MEMORY_CONFIGS
+    configs = MEMORY_CONFIGS[:1] if quick else MEMORY_CONFIGS
     for name, key in configs:
         code = MEMORY_CHILD.format(bench_dir=bench_dir, width=width, key=key)
         out = (

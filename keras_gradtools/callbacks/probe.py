@@ -30,10 +30,20 @@ class GradientProbe:
 
     def __init__(self, model, data, batches, batch_size=None):
         self.model = model
-        self.batches = _take_batches(data, batches, batch_size)
+        # Tensors once, not NumPy arrays converted (and matched against
+        # the traced signatures) on every call.
+        self.batches = [
+            tuple(
+                None
+                if part is None
+                else keras.tree.map_structure(ops.convert_to_tensor, part)
+                for part in batch
+            )
+            for batch in _take_batches(data, batches, batch_size)
+        ]
         first = keras.tree.flatten(self.batches[0][0])[0]
         self.batch_size = int(np.shape(first)[0])
-        self._gradient_of_batch = _gradient_function(model)
+        self._add_batch = _moments_function(model)
 
     def measure(self):
         """Returns `(statistics, per_variable, sums)` at the current weights.
@@ -45,17 +55,11 @@ class GradientProbe:
         means and sums of squares (for histograms), the count of batches
         and the samples per batch (1).
         """
-        sums = squares = None
+        variables = self.model.trainable_variables
+        sums = [ops.zeros(v.shape, "float32") for v in variables]
+        squares = list(sums)
         for x, y, sample_weight in self.batches:
-            grads = self._gradient_of_batch(x, y, sample_weight)
-            if sums is None:
-                sums = list(grads)
-                squares = [ops.square(g) for g in grads]
-            else:
-                sums = [ops.add(a, g) for a, g in zip(sums, grads)]
-                squares = [
-                    ops.add(a, ops.square(g)) for a, g in zip(squares, grads)
-                ]
+            sums, squares = self._add_batch(x, y, sample_weight, sums, squares)
         count = float(len(self.batches))
         means = [ops.divide(s, count) for s in sums]
         mean_norms = transforms.square_norms(means)
@@ -77,25 +81,39 @@ class GradientProbe:
         return statistics, per_variable, (means, squares, count, 1.0)
 
 
-def _gradient_function(model):
-    """`(x, y, sample_weight) -> float32 gradients` of the training loss at
-    the model's current weights, leaving every variable as it was."""
+def _moments_function(model):
+    """`(x, y, sample_weight, sums, squares) -> (sums, squares)`: adds one
+    batch's float32 gradient of the training loss, at the model's current
+    weights, and its square, leaving every variable as it was. One compiled
+    call per batch (the sums never leave the device between batches)."""
     if keras.backend.backend() == "jax":
-        return _jax_gradient_function(model)
-    return _tensorflow_gradient_function(model)
+        return _jax_moments_function(model)
+    return _tensorflow_moments_function(model)
 
 
-def _tensorflow_gradient_function(model):
+def _add_moments(sums, squares, grads):
+    return (
+        [s + g for s, g in zip(sums, grads)],
+        [q + g * g for q, g in zip(squares, grads)],
+    )
+
+
+def _tensorflow_moments_function(model):
     import tensorflow as tf
 
     @tf.function
-    def gradients(x, y, sample_weight):
+    def add_batch(x, y, sample_weight, sums, squares):
+        # Forward in training mode moves what it moves (BatchNormalization
+        # statistics, the loss metric, seed generators): put back in-graph,
+        # after the gradient, as each batch must start from the same state.
+        state = model.non_trainable_variables + model.metrics_variables
+        saved = [tf.identity(v.value) for v in state]
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             loss = model.compute_loss(
                 x, y, y_pred, sample_weight, training=True
             )
-        return [
+        grads = [
             tf.zeros(v.shape, "float32")
             if g is None
             else tf.cast(tf.convert_to_tensor(g), "float32")
@@ -104,20 +122,15 @@ def _tensorflow_gradient_function(model):
                 model.trainable_variables,
             )
         ]
-
-    def measure(x, y, sample_weight):
-        state = model.non_trainable_variables + model.metrics_variables
-        saved = [ops.copy(v) for v in state]
-        try:
-            return gradients(x, y, sample_weight)
-        finally:
+        with tf.control_dependencies(grads):
             for variable, value in zip(state, saved):
                 variable.assign(value)
+        return _add_moments(sums, squares, grads)
 
-    return measure
+    return add_batch
 
 
-def _jax_gradient_function(model):
+def _jax_moments_function(model):
     import jax
 
     def loss(trainable, non_trainable, metrics, optimizer, x, y, weight):
@@ -133,24 +146,29 @@ def _jax_gradient_function(model):
         )
         return scaled
 
-    gradient = jax.jit(jax.grad(loss))
-
-    def measure(x, y, sample_weight):
-        optimizer = model.optimizer
-        grads = gradient(
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            [v.value for v in model.metrics_variables],
-            [v.value for v in optimizer.variables],
-            x,
-            y,
-            sample_weight,
-        )
+    @jax.jit
+    def add_batch(state, x, y, weight, scale, sums, squares):
+        grads = jax.grad(loss)(*state, x, y, weight)
         # The loss was scaled for mixed precision (`optimizer.scale_loss`).
-        scale = float(optimizer.scale_loss(ops.ones((), "float32")))
-        return [ops.cast(g, "float32") / scale for g in grads]
+        return _add_moments(
+            sums, squares, [g.astype("float32") / scale for g in grads]
+        )
 
-    return measure
+    def add(x, y, sample_weight, sums, squares):
+        optimizer = model.optimizer
+        state = tuple(
+            [v.value for v in variables]
+            for variables in (
+                model.trainable_variables,
+                model.non_trainable_variables,
+                model.metrics_variables,
+                optimizer.variables,
+            )
+        )
+        scale = optimizer.scale_loss(ops.ones((), "float32"))
+        return add_batch(state, x, y, sample_weight, scale, sums, squares)
+
+    return add
 
 
 def _take_batches(data, batches, batch_size):
