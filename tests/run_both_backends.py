@@ -20,9 +20,10 @@ import tempfile
 import time
 
 BACKENDS = ("tensorflow", "jax")
-# pytest-xdist workers per backend (1: no xdist). Measured in fresh-clone
-# CI runs on 2 cores: 2 + 1 ran the tests in 29.1 min, 2 + 2 in 30.5 and
-# 3 + 2 in 32.0 (more processes than cores slow the strategy subprocesses).
+# pytest-xdist workers per backend (1: no xdist). Measured on 2 cores, the
+# whole suite in a clone of main: 2 + 1 ran it in 29.1 min, 2 + 2 in 30.5
+# and 3 + 2 in 32.0 (more processes than cores slow the strategy
+# subprocesses, whose replicas wait on each other).
 WORKERS = {"tensorflow": 2, "jax": 1}
 
 
