@@ -8,25 +8,17 @@ this file's). MultiWorkerMirroredStrategy, whose worker processes run on
 127.0.0.1, is in test_multi_worker.py.
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
+from processes import parse_results
 
 pytestmark = pytest.mark.tensorflow_only
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 # Weights are of order 1: float32 rounding of a few updates.
 FLOAT32_ROUNDING = 5e-7
-
-
-def _results(stdout):
-    return [
-        json.loads(line[len("RESULT ") :])
-        for line in stdout.splitlines()
-        if line.startswith("RESULT ")
-    ]
 
 
 def _run_mirrored(checks, directory):
@@ -42,7 +34,7 @@ def _run_mirrored(checks, directory):
         timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    return _results(completed.stdout)
+    return parse_results(completed.stdout)
 
 
 @pytest.fixture(scope="module")

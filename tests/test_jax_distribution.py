@@ -6,27 +6,20 @@ subprocess with 4 devices, each check on a mesh of 4, 2 or 1 of them;
 every result is compared with one device on the same global batches.
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from processes import finish
+from processes import free_port
+from processes import parse_results
 
 pytestmark = [pytest.mark.jax_only, pytest.mark.slow]
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 # Weights of order 1 after a few updates: float32 rounding.
 FLOAT32_ROUNDING = 5e-7
-
-
-def _results(stdout):
-    return [
-        json.loads(line[len("RESULT ") :])
-        for line in stdout.splitlines()
-        if line.startswith("RESULT ")
-    ]
 
 
 def _run(devices, checks, directory, timeout=600):
@@ -43,7 +36,7 @@ def _run(devices, checks, directory, timeout=600):
         timeout=timeout,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    return _results(completed.stdout)
+    return parse_results(completed.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +120,9 @@ def test_adaptive_accumulation_takes_one_k_on_every_device(runs):
     assert expected / 1.6 <= r["effective_batch"] <= expected * 1.6
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(tmp_path):
     script = os.path.join(SCRIPTS, "jax_multi_process_run.py")
-    port = str(_free_port())
+    port = str(free_port())
     processes = [
         subprocess.Popen(
             [sys.executable, script, str(tmp_path), str(i), port],
@@ -145,15 +132,7 @@ def test_two_processes_equal_one_process(tmp_path):
         )
         for i in range(2)
     ]
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=300))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+    outputs = finish(processes, timeout=300)
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-4000:]
     single = subprocess.run(
@@ -170,7 +149,7 @@ def test_two_processes_equal_one_process(tmp_path):
         np.testing.assert_allclose(
             weights[0][key], reference[key], rtol=0, atol=FLOAT32_ROUNDING
         )
-    results = [r for stdout, _ in outputs for r in _results(stdout)]
+    results = [r for stdout, _ in outputs for r in parse_results(stdout)]
     assert sorted(r["process"] for r in results) == [0, 1]
     for r in results:
         assert r["devices"] == 2

@@ -7,12 +7,14 @@ mid-epoch and resumed.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from processes import finish
+from processes import free_port
+from processes import parse_results
 from scripts.distributed_common import GLOBAL_BATCH
 from scripts.distributed_common import MULTI_WORKER_CONFIGS
 from scripts.distributed_common import custom_loop
@@ -22,21 +24,14 @@ from scripts.distributed_common import make_optimizer
 from test_distributed import FLOAT32_ROUNDING
 from test_distributed import SCRIPTS
 from test_distributed import _one
-from test_distributed import _results
 
 pytestmark = pytest.mark.tensorflow_only
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def multi_worker(tmp_path_factory):
     directory = tmp_path_factory.mktemp("multi_worker")
-    ports = [str(_free_port()), str(_free_port())]
+    ports = [str(free_port()), str(free_port())]
     script = os.path.join(SCRIPTS, "multi_worker_run.py")
     workers = [
         subprocess.Popen(
@@ -47,18 +42,10 @@ def multi_worker(tmp_path_factory):
         )
         for i in range(2)
     ]
-    outputs = []
-    try:
-        for worker in workers:
-            outputs.append(worker.communicate(timeout=300))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.communicate()
+    outputs = finish(workers, timeout=300)
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-4000:]
-    results = [r for stdout, _ in outputs for r in _results(stdout)]
+    results = [r for stdout, _ in outputs for r in parse_results(stdout)]
     return directory, results
 
 
@@ -116,7 +103,7 @@ def test_keras_fit_under_multi_worker_fails_in_keras_as_documented(
 
 
 def _start_fit_workers(directory, phase):
-    ports = [str(_free_port()), str(_free_port())]
+    ports = [str(free_port()), str(free_port())]
     script = os.path.join(SCRIPTS, "multi_worker_fit_run.py")
     return [
         subprocess.Popen(
@@ -150,19 +137,6 @@ def _wait_for_line(process, line, timeout):
     return False
 
 
-def _finish(processes, timeout):
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=timeout))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    return outputs
-
-
 @pytest.fixture(scope="module")
 def multi_worker_fit(tmp_path_factory):
     """A 2-worker `fit` killed mid-epoch (worker 1 at epoch 3, SIGKILL) and
@@ -174,10 +148,10 @@ def multi_worker_fit(tmp_path_factory):
         assert _wait_for_line(interrupted[1], "PAUSED", timeout=300)
         interrupted[1].kill()
     finally:
-        outputs = _finish(interrupted, timeout=120)
+        outputs = finish(interrupted, timeout=120)
     assert interrupted[0].returncode != 0  # its peer vanished mid-job
     resumed = _start_fit_workers(directory, "resumed")
-    outputs = _finish(resumed, timeout=300)
+    outputs = finish(resumed, timeout=300)
     for process, (_, stderr) in zip(resumed, outputs):
         assert process.returncode == 0, stderr[-4000:]
     single = subprocess.run(
@@ -192,7 +166,7 @@ def multi_worker_fit(tmp_path_factory):
         timeout=300,
     )
     assert single.returncode == 0, single.stderr[-4000:]
-    results = [r for stdout, _ in outputs for r in _results(stdout)]
+    results = [r for stdout, _ in outputs for r in parse_results(stdout)]
     return directory, results
 
 
