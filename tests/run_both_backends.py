@@ -11,6 +11,14 @@ suite, the larger, on two pytest-xdist workers (`--dist loadfile`: a
 file's module fixtures run once), so that the cores stay busy while a test
 waits on its subprocesses and after the JAX suite is done. Exits with 0
 only if both pass.
+
+The JAX suite's processes (pytest and the scripts its tests start) share
+one persistent XLA compilation cache, new for each run and removed at its
+end: many tests build the same models and optimizer steps, which JAX would
+otherwise compile again for every new `jit` (Keras makes a new one per
+model). A hit loads the executable XLA compiled for the same program, so
+what runs is the same. (TensorFlow's XLA cache keys on the function, not
+the program: a cold cache saves nothing there, measured.)
 """
 
 import os
@@ -27,14 +35,32 @@ BACKENDS = ("tensorflow", "jax")
 WORKERS = {"tensorflow": 2, "jax": 1}
 
 
+def jax_compilation_cache(directory):
+    """The environment that points JAX at a compilation cache in
+    `directory` and caches every compilation (by default only those over a
+    second)."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": directory,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="jax_cache_") as cache:
+        return run_suites(argv, jax_compilation_cache(cache))
+
+
+def run_suites(argv, jax_environment):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     runs = {}
     start = time.monotonic()
     for backend in BACKENDS:
         log = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, KERAS_BACKEND=backend)
+        if backend == "jax":
+            env.update(jax_environment)
         workers = WORKERS[backend]
         parallel = ["-n", str(workers), "--dist", "loadfile"]
         # Hand files out in collection order (longest first, conftest.py),
