@@ -264,17 +264,40 @@ print("RESULT " + json.dumps(result))
 """
 
 
-def _cross_backend_results(backend):
-    out = _python(CROSS_BACKEND_RUN, backend)
-    line = [x for x in out.splitlines() if x.startswith("RESULT ")][0]
-    return json.loads(line[len("RESULT ") :])
+def _cross_backend_results(backends):
+    """Runs CROSS_BACKEND_RUN on each of `backends` in fresh interpreters,
+    side by side; returns their results in the same order."""
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CROSS_BACKEND_RUN],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(
+                os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3"
+            ),
+            cwd=ROOT,
+        )
+        for backend in backends
+    ]
+    results = []
+    try:
+        for run in runs:
+            out, err = run.communicate(timeout=300)
+            assert run.returncode == 0, err[-3000:]
+            line = [x for x in out.splitlines() if x.startswith("RESULT ")][0]
+            results.append(json.loads(line[len("RESULT ") :]))
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
+    return results
 
 
 def test_same_numbers_as_tensorflow():
     """Bitwise the same noise draws; the same weights after training to
     float32 rounding (measured: see the assertion's bound)."""
-    jax_run = _cross_backend_results("jax")
-    tf_run = _cross_backend_results("tensorflow")
+    jax_run, tf_run = _cross_backend_results(["jax", "tensorflow"])
     np.testing.assert_array_equal(
         np.asarray(jax_run["draws"], "float32"),
         np.asarray(tf_run["draws"], "float32"),
