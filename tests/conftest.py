@@ -8,6 +8,7 @@ only (`tf.distribute`, `IndexedSlices`, graph assertions; `jax.jit` loops,
 are deselected on the other backend, not skipped: nothing is missing there.
 """
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -69,6 +70,15 @@ def _longest_first(item):
         if name in LONGEST_FIRST
         else len(LONGEST_FIRST)
     )
+
+
+def pytest_collection_finish(session):
+    # What is alive now (TensorFlow or JAX, Keras, the test modules) stays
+    # alive to the end: out of the garbage collector's sight, the full
+    # collection in every test's `clear_session()` scans only what tests
+    # make (0.4 s -> 0.1 ms per test with TensorFlow loaded, measured).
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
