@@ -5,7 +5,6 @@ Runs only under KERAS_BACKEND=jax (see conftest.py); the comparisons with
 TensorFlow start a TensorFlow process of their own.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import numpy as np
 import pytest
 from helpers import digits
 from keras import ops
+from processes import finish
+from processes import parse_results
 
 import keras_gradtools as kg
 
@@ -280,18 +281,10 @@ def _cross_backend_results(backends):
         )
         for backend in backends
     ]
-    results = []
-    try:
-        for run in runs:
-            out, err = run.communicate(timeout=300)
-            assert run.returncode == 0, err[-3000:]
-            line = [x for x in out.splitlines() if x.startswith("RESULT ")][0]
-            results.append(json.loads(line[len("RESULT ") :]))
-    finally:
-        for run in runs:
-            run.kill()
-            run.wait()
-    return results
+    outputs = finish(runs, timeout=300)
+    for run, (_, stderr) in zip(runs, outputs):
+        assert run.returncode == 0, stderr[-3000:]
+    return [parse_results(stdout)[0] for stdout, _ in outputs]
 
 
 def test_same_numbers_as_tensorflow():
