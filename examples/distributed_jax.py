@@ -30,6 +30,10 @@ def main(argv=None):
     os.environ.setdefault(
         "XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}"
     )
+    # XLA's CPU thread pool has max(cores, devices) threads and a waiting
+    # collective holds one: more threads, so that forced devices sharing few
+    # cores cannot all wait (docs/distributed.md, "Forced CPU devices").
+    os.environ.setdefault("PJRT_NPROC", str(4 * args.devices))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import jax
     import keras

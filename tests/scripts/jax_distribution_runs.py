@@ -29,6 +29,14 @@ import sys
 
 devices, checks, out_dir = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+# XLA's CPU client runs the devices' thunks on one pool of max(cores,
+# devices) threads (PJRT_NPROC overrides the cores), and a collective holds
+# its thread while it waits for the other devices. A device may run two
+# collectives at once, so with more forced devices than cores the waiting
+# ones can take every thread, the device they wait for gets none, and XLA
+# aborts after 40 s (seen once in CI on 2 cores: "Expected 4 threads to join
+# the rendezvous, but only 2 of them arrived on time").
+os.environ.setdefault("PJRT_NPROC", str(4 * devices))
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
