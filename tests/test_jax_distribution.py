@@ -71,6 +71,16 @@ def test_data_parallel_equals_one_device(runs):
         assert r["noise_std"][0] == r["noise_std"][1] > 0
 
 
+def test_forced_devices_get_threads_to_spare(runs):
+    """PJRT_NPROC took effect: XLA's CPU pool has more threads than the
+    forced devices, so collectives waiting on some cannot starve the others
+    (docs/distributed.md, "Forced CPU devices"). Fails if XLA stops reading
+    PJRT_NPROC or names its threads differently."""
+    _, results = runs
+    (r,) = _select(results, check="thread_pool")
+    assert r["threads"] >= 4 * r["devices"] == 16, r
+
+
 def test_collectives_per_micro_batch_and_per_update(runs):
     """Under JAX's automatic sharding the gradient of a replicated weight
     is all-reduced inside Keras's backward pass, before any optimizer sees

@@ -399,8 +399,19 @@ def check_adaptive(used):
     )
 
 
+def xla_thread_pool_size():
+    """The threads of XLA's CPU client pool in this process (Linux)."""
+    names = []
+    for thread in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{thread}/comm") as comm:
+            names.append(comm.read().strip())
+    return sum(name.endswith("XLAEigen") for name in names)
+
+
 if __name__ == "__main__":
     assert len(jax.devices()) == devices, jax.devices()
+    jax.block_until_ready(jax.numpy.zeros(1) + 1)  # the client is started
+    report(check="thread_pool", devices=devices, threads=xla_thread_pool_size())
     for check in checks:
         name, _, used = check.partition(":")
         globals()[f"check_{name}"](int(used or devices))
