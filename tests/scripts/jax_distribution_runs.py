@@ -410,7 +410,6 @@ def xla_thread_pool_size():
 
 if __name__ == "__main__":
     assert len(jax.devices()) == devices, jax.devices()
-    jax.block_until_ready(jax.numpy.zeros(1) + 1)  # the client is started
     report(check="thread_pool", devices=devices, threads=xla_thread_pool_size())
     for check in checks:
         name, _, used = check.partition(":")
