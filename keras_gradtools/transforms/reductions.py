@@ -39,6 +39,10 @@ def blocked_sum(flat: TensorLike, width: int = 1024) -> TensorLike:
     plain sum by float32 rounding.
     """
     size = flat.shape[0]
+    if size is None:
+        # Unknown static length (e.g. the rows of a sparse gradient in a
+        # traced step): a plain sum.
+        return ops.sum(flat)
     rows = size // width
     if rows < 2:
         return ops.sum(flat)
