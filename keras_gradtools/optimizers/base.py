@@ -981,10 +981,14 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         return private_api.keras_variables(self)
 
     def _apply_pending_state(self):
+        """Restores state loaded before `build`. Keras may build the
+        optimizer while it traces the first training step: the restore
+        runs outside that trace, so that it takes effect at once."""
         pending = self._pending_state
         if pending is not None:
             object.__setattr__(self, "_pending_state", None)
-            self._restore(*pending)
+            with common.outside_trace():
+                self._restore(*pending)
 
     def _check_restored_cycle(self):
         accumulator = self._accumulator
