@@ -7,9 +7,21 @@ import pytest
 import keras_gradtools as kg
 
 BAD_ARGUMENTS = [
-    ({"accumulation_steps": 0}, "accumulation_steps", ">= 1"),
-    ({"accumulation_steps": 2.5}, "accumulation_steps", ">= 1"),
-    ({"accumulation_steps": True}, "accumulation_steps", ">= 1"),
+    ({"accumulation_steps": 0}, "accumulation_steps", "[1, 2147483647]"),
+    ({"accumulation_steps": 2.5}, "accumulation_steps", "[1, 2147483647]"),
+    ({"accumulation_steps": True}, "accumulation_steps", "[1, 2147483647]"),
+    # K is int32 state: 2**31 would read back as -2**31 on TensorFlow.
+    ({"accumulation_steps": 2**31}, "accumulation_steps", "[1, 2147483647]"),
+    (
+        {"gradient_accumulation_steps": 2**31},
+        "gradient_accumulation_steps",
+        "[1, 2147483647]",
+    ),
+    (
+        {"max_accumulation_steps": 2**31},
+        "max_accumulation_steps",
+        "[1, 2147483647]",
+    ),
     ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps", ""),
     ({"noise_eta": -0.1}, "noise_eta", ">= 0"),
     ({"noise_eta": float("nan")}, "noise_eta", ">= 0"),

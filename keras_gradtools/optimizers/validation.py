@@ -105,6 +105,10 @@ def _describe_range(minimum, maximum, low, high):
     return "(any finite value)"
 
 
+# K and its maximum are int32 state (saved, and the same on every device).
+MAX_ACCUMULATION_STEPS = 2**31 - 1
+
+
 def resolve_accumulation_steps(accumulation_steps, gradient_accumulation_steps):
     """Returns K from `accumulation_steps` or its Keras alias (not both)."""
     if gradient_accumulation_steps is not None:
@@ -116,18 +120,28 @@ def resolve_accumulation_steps(accumulation_steps, gradient_accumulation_steps):
                 f"gradient_accumulation_steps={gradient_accumulation_steps!r}"
             )
         return check_int(
-            "gradient_accumulation_steps", gradient_accumulation_steps, 1
+            "gradient_accumulation_steps",
+            gradient_accumulation_steps,
+            1,
+            MAX_ACCUMULATION_STEPS,
         )
     if accumulation_steps is None:
         return 1
-    return check_int("accumulation_steps", accumulation_steps, 1)
+    return check_int(
+        "accumulation_steps", accumulation_steps, 1, MAX_ACCUMULATION_STEPS
+    )
 
 
 def resolve_max_accumulation_steps(max_accumulation_steps, steps):
     """Returns the largest K the optimizer accepts (default: `steps`)."""
     if max_accumulation_steps is None:
         return steps
-    maximum = check_int("max_accumulation_steps", max_accumulation_steps, 1)
+    maximum = check_int(
+        "max_accumulation_steps",
+        max_accumulation_steps,
+        1,
+        MAX_ACCUMULATION_STEPS,
+    )
     if maximum < steps:
         raise ValueError(
             "`max_accumulation_steps` must be an integer >= "
