@@ -22,6 +22,7 @@ one `jax.jit`-compiled function of the variables' values (or, with
 import contextlib
 
 import jax
+import jax.experimental.sparse as jax_sparse
 import keras
 import numpy as np
 from keras import ops
@@ -174,7 +175,23 @@ def assert_in_graph(condition, message, *values):
 
 
 def densify(gradient):
-    """JAX gradients are dense."""
+    """Returns `gradient` as a dense array.
+
+    A `jax.experimental.sparse` gradient (`BCOO`, `BCSR`, which Keras's
+    optimizers accept on JAX) is densified: the pipeline reduces, clips and
+    accumulates dense arrays, and the update then equals that of the same
+    gradient given dense. This works inside `jax.jit` too (a sparse array
+    is a pytree of its data and indices). Dense gradients are returned as
+    they are.
+
+    Args:
+        gradient: A dense array or a `jax.experimental.sparse.JAXSparse`.
+
+    Returns:
+        A dense array of the gradient's shape and dtype.
+    """
+    if isinstance(gradient, jax_sparse.JAXSparse):
+        return gradient.todense()
     return gradient
 
 

@@ -7,6 +7,10 @@ densifying it first would write the whole table on every micro-batch. Rows
 repeated within a micro-batch are summed first, so that the sum of squares
 receives the square of each row's gradient. Only the TensorFlow backend
 produces such gradients; TensorFlow is imported when one is met.
+
+On JAX, sparse gradients (`jax.experimental.sparse.BCOO`, `BCSR`) are not
+handled here: the JAX backend's `densify` turns them dense before anything
+else reads them, so the update equals that of the dense gradient.
 """
 
 from keras import ops
@@ -16,7 +20,8 @@ from keras_gradtools.types import TensorLike
 
 def is_sparse(gradient: TensorLike) -> bool:
     """Whether `gradient` is a `tf.IndexedSlices` (checked by name, so that
-    other backends need not import TensorFlow)."""
+    other backends need not import TensorFlow). JAX's sparse arrays are not:
+    they are densified on arrival."""
     return type(gradient).__name__ == "IndexedSlices"
 
 
