@@ -131,7 +131,11 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_gradtools import demo
 
-    return demo.run(args)
+    try:
+        return demo.run(args)
+    except demo.MissingDependencyError as error:
+        print(f"keras-gradtools demo: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ TensorBoard logs, a PNG of the gradient statistics and a `.keras` file under
 """
 
 import argparse
+import importlib.util
 import os
 import time
 
@@ -28,6 +29,80 @@ import keras
 import numpy as np
 
 import keras_gradtools as kg
+from keras_gradtools import plotting
+from keras_gradtools.callbacks.summary_writer import SummaryWriter
+
+# What the demo needs beyond keras_gradtools, and the extra that installs it.
+NEEDS = (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+INSTALL_HINT = (
+    'pip install "keras-gradtools[examples]" (from a checkout: '
+    'pip install -e ".[cpu,examples]", or ".[jax,examples]" on JAX)'
+)
+
+
+class MissingDependencyError(ModuleNotFoundError):
+    """A package the demo needs is not installed (the message says which
+    extra installs it)."""
+
+
+def check_dependencies():
+    """Raises `MissingDependencyError` naming the `examples` extra when
+    scikit-learn or matplotlib is missing, before anything trains."""
+    missing = [
+        package
+        for module, package in NEEDS
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        raise MissingDependencyError(
+            f"the demo needs {' and '.join(missing)} (the digits data and "
+            f"the pictures), not installed here: {INSTALL_HINT}",
+            name=missing[0],
+        )
+
+
+def tensorflow_available():
+    """Whether TensorFlow is importable (`keras.callbacks.TensorBoard`
+    needs it, on every backend)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+class EpochLogs(keras.callbacks.Callback):
+    """The epoch curves `keras.callbacks.TensorBoard` writes (`epoch_loss`,
+    `epoch_accuracy` under `log_dir/train` and `log_dir/validation`, step
+    = epoch), written without TensorFlow: the demo's stand-in for it on a
+    JAX install without TensorFlow.
+
+    Args:
+        log_dir: The run's log directory.
+    """
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.log_dir = log_dir
+        self._writers = {}
+
+    def _writer(self, run):
+        if run not in self._writers:
+            path = os.path.join(self.log_dir, run)
+            self._writers[run] = SummaryWriter(path)
+        return self._writers[run]
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            if name in ("loss", "accuracy"):
+                self._writer("train").scalar(f"epoch_{name}", value, epoch)
+            elif name in ("val_loss", "val_accuracy"):
+                self._writer("validation").scalar(
+                    f"epoch_{name[4:]}", value, epoch
+                )
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
 
 
 def parse_args(argv=None):
@@ -104,6 +179,10 @@ def train(name, optimizer, data, args):
         batch_size=args.batch_size,
         verbose=0,
     )
+    if tensorflow_available():
+        curves = keras.callbacks.TensorBoard(log_dir=log_dir)
+    else:
+        curves = EpochLogs(log_dir)
     start = time.perf_counter()
     history = model.fit(
         x_train,
@@ -111,7 +190,7 @@ def train(name, optimizer, data, args):
         batch_size=args.batch_size,
         epochs=args.epochs,
         validation_data=(x_test, y_test),
-        callbacks=[keras.callbacks.TensorBoard(log_dir=log_dir), monitor],
+        callbacks=[curves, monitor],
         verbose=args.verbose,
     )
     seconds = time.perf_counter() - start
@@ -121,18 +200,20 @@ def train(name, optimizer, data, args):
     picture = os.path.join(
         args.output_dir, f"gradient_statistics_{run_dir}.png"
     )
-    kg.plot_gradient_statistics(
-        history, picture, title=f"Gradient statistics, digits MLP: {name}"
-    )
+    details = monitor.advice_details
     return {
         "run": name,
-        "updates": int(optimizer.iterations.numpy()),
+        "updates": int(keras.ops.convert_to_numpy(optimizer.iterations)),
         "test_accuracy": float(accuracy),
         "test_loss": float(loss),
         "seconds": seconds,
-        "noise_scale": float(np.median(history.history["grad_noise_scale"])),
+        # The advice's number: the median of the second half of training.
+        "noise_scale": details.noise_scale if details else float("nan"),
+        "lower_bound": bool(details and details.lower_bound_only),
+        "variance": float(history.history["grad_variance"][-1]),
         "measured_by": monitor.mode,
         "advice": monitor.advice,
+        "history": history.history,
         "saved": path,
         "picture": picture,
     }
@@ -150,24 +231,40 @@ def print_table(results, batch_size):
     print("\n" + "=" * 78)
     header = (
         f"{'run':<11} {'updates':>7} {'test acc':>9} {'test loss':>9} "
-        f"{'wall s':>7} {'noise scale':>12} {'measured by':>12}"
+        f"{'wall s':>7} {'B_simple':>9} {'final tr Σ':>11} "
+        f"{'measured by':>12}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         scale = r["noise_scale"]
-        scale = f"{scale:12.0f}" if np.isfinite(scale) else f"{'n/a':>12}"
+        scale = (
+            f"{('>' if r['lower_bound'] else '') + f'{scale:.0f}':>9}"
+            if np.isfinite(scale)
+            else f"{'n/a':>9}"
+        )
         print(
             f"{r['run']:<11} {r['updates']:>7d} {r['test_accuracy']:>9.4f} "
             f"{r['test_loss']:>9.4f} {r['seconds']:>7.1f} {scale} "
-            f"{r['measured_by']:>12}"
+            f"{r['variance']:>11.3g} {r['measured_by']:>12}"
         )
     print(
-        "\nnoise scale: B_simple in samples, median over the epochs (it "
-        "grows as the loss falls); from running averages (McCandlish et al. "
-        "2018); 'optimizer' = measured inside the update, 'probe' = from 8 "
-        "fixed batches."
+        "\nB_simple: the gradient noise scale in samples (McCandlish et al. "
+        "2018), the median over the second half of training (it grows as "
+        "the loss falls): the number the advice below uses. final tr Σ: "
+        "the gradient variance of one micro-batch at the last epoch. "
+        "'optimizer' = measured inside the update, 'probe' = from 8 fixed "
+        "batches."
     )
+    by_run = {r["run"]: r for r in results}
+    if {"plain", "accumulate"} <= set(by_run):
+        ratio = by_run["accumulate"]["variance"] / by_run["plain"]["variance"]
+        print(
+            f"final tr Σ, accumulate / plain: {ratio:.1f}x (the plain run "
+            f"made {by_run['plain']['updates']} updates to the accumulate "
+            f"run's {by_run['accumulate']['updates']}: a later point of "
+            "training, where the gradients vary less)."
+        )
     for r in results:
         if r["advice"]:
             print(f"{r['run']}: {r['advice']}")
@@ -180,14 +277,31 @@ def main(argv=None):
 
 def run(args):
     """Runs the demo with parsed options. Returns 0."""
+    check_dependencies()
     if args.quick:
         args.epochs = 2
+    if not tensorflow_available():
+        print(
+            "TensorFlow is not installed: keras.callbacks.TensorBoard needs "
+            "it, so the demo writes the epoch loss and accuracy curves "
+            "itself (same tags and directories); the gradient statistics "
+            "are written without TensorFlow in any case."
+        )
     os.makedirs(args.output_dir, exist_ok=True)
     data = load_data(args.seed)
     results = [
         train(name, optimizer, data, args)
         for name, optimizer in optimizers(args).items()
     ]
+    # On shared ranges, so that the three pictures compare at a glance.
+    limits = plotting.statistics_limits(*[r["history"] for r in results])
+    for r in results:
+        kg.plot_gradient_statistics(
+            r["history"],
+            r["picture"],
+            title=f"Gradient statistics, digits MLP: {r['run']}",
+            limits=limits,
+        )
     print_table(results, args.batch_size)
     print(f"\nTensorBoard: tensorboard --logdir {args.output_dir}/logs")
     print(f"Models: {', '.join(r['saved'] for r in results)}")

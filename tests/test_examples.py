@@ -45,6 +45,113 @@ def test_train_digits_quick_mode(tmp_path, capsys):
         picture = tmp_path / f"gradient_statistics_{run.replace('+', '_')}.png"
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Gradient noise scale B_simple" in out
+    # Two epochs: one measurement in the second half, said as such.
+    assert "1 measurement" in out and "1 measurements" not in out
+    assert out.count("Confidence: low (only 1 measurement") == 3
+    assert "B_simple" in out.split("-" * 20)[0]  # the table's header
+
+
+def test_demo_without_scikit_learn_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    import keras_gradtools_cli
+    from keras_gradtools import demo
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sklearn" else find_spec(name, *a),
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"keras-gradtools\[exa"):
+        demo.check_dependencies()
+    assert keras_gradtools_cli.main(["demo", "--quick"]) == 1
+    error = capsys.readouterr().err
+    assert "scikit-learn" in error
+    assert 'pip install "keras-gradtools[examples]"' in error
+
+
+def test_demo_epoch_curves_without_tensorflow(tmp_path):
+    """The demo's stand-in for keras.callbacks.TensorBoard (used where
+    TensorFlow is not installed) writes its tags and steps."""
+    from helpers import compiled_classifier
+    from helpers import digits
+
+    from keras_gradtools import demo
+    from keras_gradtools.callbacks.summary_writer import read_events
+
+    x, y = digits(128)
+    model = compiled_classifier("adam", metrics=["accuracy"])
+    history = model.fit(
+        x, y, batch_size=32, epochs=2, verbose=0, validation_split=0.25,
+        callbacks=[demo.EpochLogs(str(tmp_path))],
+    )  # fmt: skip
+    runs = read_events(str(tmp_path))
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        for name in ("loss", "accuracy"):
+            events = runs[run][f"epoch_{name}"]
+            assert [step for step, _ in events] == [0, 1]
+            np.testing.assert_allclose(
+                [float(v) for _, v in events],
+                history.history[prefix + name],
+                rtol=1e-6,
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.tensorflow_only
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs tf.function(..., autograph=False) in "
+    "keras_gradtools/backends/tensorflow.py::_compiled_pipeline",
+)
+def test_custom_loop_prints_no_autograph_warning():
+    """An eager `apply` compiles the pipeline with `tf.function`; AutoGraph
+    converting it reached `importlib.import_module` (through
+    `backends.current()`) and warned that it could not transform
+    `_gcd_import`."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples/custom_loop.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "AutoGraph could not transform" not in done.stderr
+
+
+def test_readme_snippets_runs_marked_blocks_only(tmp_path):
+    markdown = tmp_path / "README.md"
+    markdown.write_text(
+        "# t\n\n<!-- ci: run -->\n```python\nprint('first ok')\n```\n\n"
+        "```python\nraise SystemExit('unmarked: never run')\n```\n\n"
+        "<!-- ci: run -->\n\n```python\nraise SystemExit('second fails')\n"
+        "```\n"
+    )
+    script = str(ROOT / ".ci" / "readme_snippets.py")
+    done = subprocess.run(
+        [sys.executable, script, str(markdown)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "ok   " in done.stdout and "README.md:4" in done.stdout
+    assert "FAIL" in done.stdout and "second fails" in done.stdout
+    assert "unmarked" not in done.stdout
+    assert "1/2 passed" in done.stdout
+    unmarked = tmp_path / "plain.md"
+    unmarked.write_text("```python\nprint(1)\n```\n")
+    for flags, code in (([], 2), (["--allow-none"], 0)):
+        done = subprocess.run(
+            [sys.executable, script, str(unmarked), *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == code
+        assert "no Python block" in done.stderr
 
 
 @pytest.mark.slow

@@ -227,3 +227,198 @@ def test_a_diverging_update_rule_is_named_by_the_monitor():
     with pytest.warns(RuntimeWarning, match="hold NaN or inf.*update rule"):
         model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[monitor])
     assert not np.isfinite(model.get_weights()[0]).all()
+
+
+# What the README promises for the signal-to-noise ratio when no noise is
+# measured: a finite cap, flagged, never an infinity.
+README_SNR_CAP = 1e6
+
+
+def test_zero_variance_is_reported_finite_and_flagged(tmp_path):
+    """Every micro-batch the same sample: the gradients are identical, the
+    variance 0. No infinity reaches History or TensorBoard."""
+    from keras_gradtools.callbacks.summary_writer import read_events
+
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(1, D)).astype("float32"), 256, axis=0)
+    y = np.ones((256, 1), "float32")
+    model = frozen_linear_model(kg.SGD(0.0, accumulation_steps=4))
+    monitor = kg.GradientVarianceMonitor(log_dir=str(tmp_path), verbose=0)
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor]
+    )
+    logged = history.history
+    events = read_events(str(tmp_path))["gradients"]
+    for series in (
+        logged["grad_snr"],
+        [float(v) for _, v in events["grad_snr"]],
+        [float(v) for _, v in events["epoch_grad_snr"]],
+    ):
+        assert len(series) == 2
+        assert all(np.isfinite(series)), series
+        assert all(v == pytest.approx(README_SNR_CAP) for v in series)
+    assert logged["grad_noise_resolved"] == [0.0, 0.0]
+    assert [float(v) for _, v in events["grad_noise_resolved"]] == [0.0, 0.0]
+    assert logged["grad_signal_resolved"] == [1.0, 1.0]
+    for scale in logged["grad_noise_scale"]:
+        assert 0.0 <= scale < 1.0  # no noise: not even one sample's worth
+    for tag, values in events.items():
+        assert all(np.all(np.isfinite(v)) for _, v in values), tag
+
+
+def test_noise_is_flagged_resolved_in_an_ordinary_fit():
+    x, y = digits(256)
+    model = compiled_classifier(kg.Adam(1e-3, accumulation_steps=2))
+    monitor = kg.GradientVarianceMonitor(verbose=0)
+    history = model.fit(
+        x, y, batch_size=32, epochs=1, verbose=0, callbacks=[monitor]
+    )
+    assert history.history["grad_noise_resolved"] == [1.0]
+    assert 0 < history.history["grad_snr"][0] < README_SNR_CAP
+    assert history.history["effective_batch"] == [64.0]
+
+
+@pytest.mark.parametrize("bad", ["batchy", 0, -2, 1.5, True, None])
+def test_update_freq_errors_name_every_accepted_value(bad):
+    with pytest.raises(ValueError) as error:
+        kg.GradientVarianceMonitor(update_freq=bad)
+    message = str(error.value)
+    for accepted in ("update_freq", '"epoch"', '"batch"', "integer N >= 1"):
+        assert accepted in message
+    assert repr(bad) in message
+
+
+def test_update_freq_batch_measures_every_batch():
+    x, y = digits(128)
+    model = compiled_classifier(kg.Adam(1e-3, accumulation_steps=2))
+    monitor = kg.GradientVarianceMonitor(update_freq="batch", verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.update_freq == 1
+    assert len(monitor.records) == 4  # 128 / 32 batches
+
+
+def test_tensorboard_epoch_values_line_up_with_keras_epochs(tmp_path):
+    """Keras's TensorBoard writes epoch curves at step = epoch (0-based);
+    the monitor writes the epoch's values there too, as epoch_<tag>, and
+    every measurement at step = updates."""
+    from keras_gradtools.callbacks.summary_writer import read_events
+
+    x, y = digits(256)
+    model = compiled_classifier(kg.Adam(1e-3, accumulation_steps=2))
+    monitor = kg.GradientVarianceMonitor(log_dir=str(tmp_path), verbose=0)
+    history = model.fit(
+        x, y, batch_size=32, epochs=3, verbose=0, callbacks=[monitor]
+    )
+    events = read_events(str(tmp_path))["gradients"]
+    per_epoch = events["epoch_grad_noise_scale"]
+    assert [step for step, _ in per_epoch] == [0, 1, 2]
+    np.testing.assert_allclose(
+        [float(v) for _, v in per_epoch],
+        history.history["grad_noise_scale"],
+        rtol=1e-6,
+    )
+    # 256 / 32 = 8 micro-batches per epoch, 4 updates.
+    per_update = events["grad_noise_scale"]
+    assert [step for step, _ in per_update] == [4, 8, 12]
+
+
+def _plotted_figure(monkeypatch, history, tmp_path, **options):
+    """Plots `history` and returns the figure (kept open)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plotting.plot_gradient_statistics(history, tmp_path / "p.png", **options)
+    monkeypatch.undo()
+    plt.close(figures[0])
+    return figures[0]
+
+
+def _history(scale, variance, batch=256.0):
+    return {
+        "grad_noise_scale": [scale, 2 * scale, 3 * scale],
+        "grad_snr": [2.0, 1.0, 0.5],
+        "grad_signal_resolved": [1.0, 1.0, 1.0],
+        "grad_variance": [variance, 0.5 * variance, 0.4 * variance],
+        "grad_norm": [0.5, 0.4, 0.3],
+        "effective_batch": [batch] * 3,
+    }
+
+
+def test_panels_in_fixed_units_have_fixed_ranges(monkeypatch, tmp_path):
+    """The README: every panel has a fixed log scale, so pictures of
+    different runs compare at a glance. The noise scale spans 1 to 1e5
+    samples and the SNR 1e-3 to 1e3 whatever the run; the variance and the
+    norm span a fixed number of decades."""
+    one = _plotted_figure(monkeypatch, _history(40.0, 3.0), tmp_path)
+    other = _plotted_figure(monkeypatch, _history(900.0, 0.002), tmp_path)
+    for figure in (one, other):
+        axes = figure.axes
+        assert axes[0].get_ylim() == pytest.approx((1.0, 1e5))
+        assert axes[1].get_ylim() == pytest.approx((1e-3, 1e3))
+        low, high = axes[2].get_ylim()
+        assert np.log10(high / low) == pytest.approx(4)
+        low, high = axes[3].get_ylim()
+        assert np.log10(high / low) == pytest.approx(3)
+        for axis in axes:
+            # No minor-tick labels cluttering the log axes.
+            minor = [t.get_text() for t in axis.get_yticklabels(minor=True)]
+            assert not any(minor), minor
+
+
+def test_shared_limits_put_runs_on_the_same_ranges(monkeypatch, tmp_path):
+    runs = [_history(40.0, 3.0), _history(900.0, 0.002)]
+    limits = plotting.statistics_limits(*runs)
+    ranges = [
+        [
+            axis.get_ylim()
+            for axis in _plotted_figure(
+                monkeypatch, run, tmp_path, limits=limits
+            ).axes
+        ]
+        for run in runs
+    ]
+    assert ranges[0] == ranges[1]
+    low, high = ranges[0][2]  # the variance panel holds both runs
+    assert low <= 0.002 * 0.4 and high >= 3.0
+
+
+def test_the_noise_scale_panel_draws_the_effective_batch(monkeypatch, tmp_path):
+    figure = _plotted_figure(monkeypatch, _history(40.0, 3.0), tmp_path)
+    axis = figure.axes[0]
+    labels = axis.get_legend_handles_labels()[1]
+    assert any(
+        "effective batch" in label and "256" in label for label in labels
+    )
+    lines = [
+        line for line in axis.get_lines() if "effective" in line.get_label()
+    ]
+    assert set(lines[0].get_ydata()) == {256.0}
+
+
+def test_capped_snr_is_drawn_at_the_top_not_widening_the_range(
+    monkeypatch, tmp_path
+):
+    history = _history(40.0, 3.0)
+    history["grad_snr"] = [2.0, README_SNR_CAP, README_SNR_CAP]
+    history["grad_noise_resolved"] = [1.0, 0.0, 0.0]
+    figure = _plotted_figure(monkeypatch, history, tmp_path)
+    axis = figure.axes[1]
+    assert axis.get_ylim() == pytest.approx((1e-3, 1e3))
+    labels = axis.get_legend_handles_labels()[1]
+    assert labels == ["above float32 resolution (no noise)"]
+
+
+def test_plotting_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("matplotlib")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ModuleNotFoundError, match=r"keras-gradtools\[plot\]"):
+        plotting.plot_gradient_statistics(
+            _history(40.0, 3.0), tmp_path / "p.png"
+        )

@@ -19,6 +19,13 @@ from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 
 # Smoothing across probe measurements (probe mode), bias-corrected.
 PROBE_SMOOTHING = 0.8
+# The largest signal-to-noise ratio reported. The variance comes from
+# float32 sums, resolved only down to ~1e-7 (float32's epsilon) of the
+# squared mean gradient, so an SNR above ~1e7 is not measurable; 1e6 leaves
+# room for rounding. Above it (zero variance included: every micro-batch's
+# gradient the same), `grad_snr` is this cap and `grad_noise_resolved` 0.
+SNR_LIMIT = 1e6
+UPDATE_FREQ_VALUES = '"epoch", "batch" or an integer N >= 1'
 
 
 class GradientVarianceMonitor(keras.callbacks.Callback):
@@ -38,6 +45,15 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
       resolved above the noise (`grad_signal_resolved` = 0), it is a lower
       bound.
     - `grad_signal_resolved`: 1 when |E g|**2 was measured above zero.
+    - `grad_noise_resolved`: 1 when tr(Sigma_M) was measured above what
+      float32 sums resolve. When it was not (zero variance: e.g. every
+      micro-batch the same), `grad_snr` is `SNR_LIMIT` (1e6, a lower bound,
+      never an infinity) and `grad_noise_scale` 0 (no noise: any batch
+      beyond one micro-batch only spends samples). So, like the lower
+      bounds of unresolved signals, every statistic stays finite in the
+      logs, `History` and TensorBoard, and a flag says which are bounds.
+    - `effective_batch`: K * M in samples, what the advice and the plots
+      compare the noise scale with.
     - `noise_std`: sigma_t of the injected noise (when noise is on).
     - `skipped_micro_batches`: micro-batches left out so far because their
       gradient was not finite (keras_gradtools optimizers); a warning is
@@ -58,17 +74,25 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
       left as they were.
 
     Each measurement goes into the logs (so into `History` once per epoch:
-    with `update_freq=N`, the epoch's last measurement), to TensorBoard
+    with `update_freq=N`, the epoch's last measurement) and to TensorBoard
     under `log_dir/gradients` (next to `keras.callbacks.TensorBoard`'s runs
-    in the same `log_dir`; written by process 0 / the chief only), and at
-    the end of training `advice` holds (and `verbose=1` prints) advice on
-    the effective batch size. Every measurement also checks the weights: a
+    in the same `log_dir`; written by process 0 / the chief only) twice:
+    every measurement at step = optimizer updates (tags `grad_*`, which
+    compare across `update_freq` and K), and the epoch's value at step =
+    epoch (tags `epoch_grad_*`, on the same axis as the `epoch_loss` of
+    `keras.callbacks.TensorBoard`). At the end of training `advice` holds
+    (and `verbose=1` prints) advice on the effective batch size, which
+    proposes no effective batch above one epoch of data (fit's steps per
+    epoch x M) and says so when its K exceeds the optimizer's
+    `max_accumulation_steps`. Every measurement also checks the weights: a
     non-finite weight (an update rule that diverged, which no check on the
     gradients can catch) is reported with a warning naming the variables.
 
     Args:
         log_dir: Optional directory for TensorBoard event files.
-        update_freq: `"epoch"` or an int N: measure every N batches.
+        update_freq: `"epoch"` (measure at the end of every epoch),
+            `"batch"` (every batch: the same as 1) or an int N >= 1
+            (every N batches).
         probe_data: Optional `(x, y)` arrays or an iterable of batches (e.g.
             a batched `tf.data.Dataset`) for probe mode (needed when the
             optimizer cannot measure).
@@ -94,7 +118,7 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
     def __init__(
         self,
         log_dir: str | os.PathLike | None = None,
-        update_freq: Literal["epoch"] | int = "epoch",
+        update_freq: Literal["epoch", "batch"] | int = "epoch",
         probe_data: Any = None,
         probe_batches: int = 8,
         per_layer: bool = False,
@@ -103,8 +127,7 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         verbose: int = 1,
     ) -> None:
         super().__init__()
-        if update_freq != "epoch":
-            update_freq = validation.check_int("update_freq", update_freq, 1)
+        update_freq = _check_update_freq(update_freq)
         self.log_dir = log_dir
         self.update_freq = update_freq
         if update_freq == "epoch":
@@ -211,6 +234,11 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             values = self._latest
         if values is not None and logs is not None:
             logs.update(values)
+        if values is not None and self._writer is not None:
+            # On the x-axis of keras.callbacks.TensorBoard's epoch curves.
+            for name, value in values.items():
+                self._writer.scalar(f"epoch_{name}", value, epoch)
+            self._writer.flush()
         self._warn_about_skipped_micro_batches(epoch)
 
     def _micro_batch_size(self):
@@ -229,14 +257,19 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         else:
             stats, per_variable, sums = self._from_probe()
             batch = self._probe.batch_size
-        scale = stats["noise_scale"]
+        scale, snr, noise_resolved = _bounded(stats)
         values = {
             "grad_variance": stats["variance"],
             "grad_norm": stats["grad_norm"],
-            "grad_snr": stats["snr"],
+            "grad_snr": snr,
             "grad_noise_scale": scale * batch if batch else scale,
             "grad_signal_resolved": stats["signal_resolved"],
+            "grad_noise_resolved": noise_resolved,
         }
+        if batch:
+            values["effective_batch"] = float(
+                batch * self._accumulation_steps()
+            )
         if self._optimizer is not None:
             if self._optimizer.noise_eta > 0:
                 values["noise_std"] = float(
@@ -403,7 +436,9 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
                 if variance > 0:
                     snr = max(mean_sq - variance / samples, 0.0) * samples
                     writer.scalar(
-                        f"grad_snr/{variable.path}", snr / variance, updates
+                        f"grad_snr/{variable.path}",
+                        min(snr / variance, SNR_LIMIT),
+                        updates,
                     )
         histogram_due = (
             self.histogram_freq
@@ -439,12 +474,50 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         batch = self.records[-1]["batch_size"]
         if not batch:
             return None
+        steps = (self.params or {}).get("steps")
+        optimizer = self._optimizer
         return advice_lib.batch_size_advice(
             [r["grad_noise_scale"] for r in self.records],
             [r["grad_signal_resolved"] == 1.0 for r in self.records],
             micro_batch=batch,
             accumulation_steps=self.records[-1]["accumulation_steps"],
+            steps_per_epoch=int(steps) if steps else None,
+            max_accumulation_steps=(
+                None if optimizer is None else optimizer.max_accumulation_steps
+            ),
         )
+
+
+def _check_update_freq(update_freq):
+    """`update_freq` as `"epoch"` or an int >= 1 (`"batch"` is 1)."""
+    if update_freq == "epoch":
+        return "epoch"
+    if update_freq == "batch":
+        return 1
+    if (
+        isinstance(update_freq, bool)
+        or not isinstance(update_freq, (int, np.integer))
+        or update_freq < 1
+    ):
+        raise ValueError(
+            f"update_freq must be {UPDATE_FREQ_VALUES} (measure every N "
+            f"batches); got {update_freq!r}."
+        )
+    return int(update_freq)
+
+
+def _bounded(stats):
+    """`(noise scale in micro-batches, snr, noise resolved)`, finite: an
+    SNR above `SNR_LIMIT` (or infinite: zero variance) is reported as the
+    limit with the flag 0, and the noise scale of zero variance is 0 (also
+    when the mean gradient is zero too, where the ratio is 0/0)."""
+    scale, snr = stats["noise_scale"], stats["snr"]
+    variance = stats["variance"]
+    if variance == 0:
+        return 0.0, SNR_LIMIT if stats["signal_resolved"] else 0.0, 0.0
+    if snr > SNR_LIMIT:  # inf included; NaN (not measured yet) is kept
+        return scale, SNR_LIMIT, 0.0
+    return scale, snr, 1.0
 
 
 def _pipeline_optimizer(optimizer):
