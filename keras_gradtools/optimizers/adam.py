@@ -107,7 +107,12 @@ class Adam(GradientPipelineOptimizer):
     def update_step(
         self, gradient, variable, learning_rate, micro_batch_variance=None
     ):
-        dtype = variable.dtype
+        index = self._variable_index(variable)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        # The moments' dtype: float32 for a narrower variable (see
+        # `add_variable_from_reference`), whose step is cast at the end.
+        dtype = m.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
         if self._reads_micro_variance:
@@ -131,9 +136,6 @@ class Adam(GradientPipelineOptimizer):
         )
         alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
 
-        index = self._variable_index(variable)
-        m = self._momentums[index]
-        v = self._velocities[index]
         if micro_batch_variance is None:
             second = ops.square(gradient)
         else:
@@ -153,8 +155,11 @@ class Adam(GradientPipelineOptimizer):
             v = v_hat
         self.assign_sub(
             variable,
-            ops.divide(
-                ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)
+            ops.cast(
+                ops.divide(
+                    ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)
+                ),
+                variable.dtype,
             ),
         )
 

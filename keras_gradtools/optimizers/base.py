@@ -436,6 +436,29 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         self._roles[id(variable)] = role
         return variable
 
+    def add_variable_from_reference(
+        self, reference_variable, name=None, initializer="zeros"
+    ):
+        """Creates a slot shaped like `reference_variable` (Keras's hook,
+        used by `add_optimizer_variables`), in float32 where the variable's
+        dtype is narrower.
+
+        Keras gives a slot the variable's dtype. A bfloat16 or float16
+        moment loses what the rule adds to it (`1 - beta_2 = 0.001` is
+        below half an ulp of bfloat16 near 1; `beta_2` itself rounds to 1),
+        and a bfloat16 model then never moves. The rule computes in the
+        slot's dtype and casts its step to the variable's.
+        """
+        name = name or "var"
+        path = common.variable_path(reference_variable)
+        return self.add_variable(
+            shape=reference_variable.shape,
+            initializer=initializer,
+            dtype=slot_dtype(reference_variable.dtype),
+            name=f"{path.replace('/', '_').replace(':', '_')}_{name}",
+            layout=private_api.variable_layout(reference_variable),
+        )
+
     @property
     def variables(self) -> list[keras.Variable]:
         """All optimizer variables: Keras's and the rule's in creation order,
@@ -1068,6 +1091,15 @@ if backend.backend() == "tensorflow":
     GradientPipelineOptimizer.apply = backends.current().not_for_autograph(
         GradientPipelineOptimizer.apply
     )
+
+
+def slot_dtype(dtype) -> str:
+    """The dtype of an optimizer slot for a variable of `dtype`: float32
+    for the narrower floating-point dtypes, else `dtype` itself."""
+    dtype = backend.standardize_dtype(dtype)
+    if dtype in ("float16", "bfloat16"):
+        return "float32"
+    return dtype
 
 
 def _check_gradient_matches(grad, variable):

@@ -69,21 +69,24 @@ class SGD(GradientPipelineOptimizer):
     def update_step(
         self, gradient, variable, learning_rate, micro_batch_variance=None
     ):
-        learning_rate = ops.cast(learning_rate, variable.dtype)
-        gradient = ops.cast(gradient, variable.dtype)
-        step = ops.multiply(gradient, learning_rate)
         if self.momentum == 0:
-            self.assign_sub(variable, step)
+            learning_rate = ops.cast(learning_rate, variable.dtype)
+            gradient = ops.cast(gradient, variable.dtype)
+            self.assign_sub(variable, ops.multiply(gradient, learning_rate))
             return
         m = self.momentums[self._variable_index(variable)]
-        momentum = ops.cast(self.momentum, variable.dtype)
+        # The momentum's dtype: float32 for a narrower variable (see
+        # `add_variable_from_reference`), whose step is cast at the end.
+        dtype = m.dtype
+        learning_rate = ops.cast(learning_rate, dtype)
+        step = ops.multiply(ops.cast(gradient, dtype), learning_rate)
+        momentum = ops.cast(self.momentum, dtype)
         self.assign(m, ops.subtract(ops.multiply(m, momentum), step))
         if self.nesterov:
-            self.assign_add(
-                variable, ops.subtract(ops.multiply(m, momentum), step)
-            )
+            change = ops.subtract(ops.multiply(m, momentum), step)
         else:
-            self.assign_add(variable, m)
+            change = m
+        self.assign_add(variable, ops.cast(change, variable.dtype))
 
     def get_config(self):
         config = super().get_config()
