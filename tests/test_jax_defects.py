@@ -147,13 +147,6 @@ def test_sparse_gradients_through_jitted_stateless_apply(name, k, rng):
 # ----------------------------------------------------------------------
 # Errors raised in the first step of `fit`.
 
-BASE_PY_FIX = (
-    "needs the change to GradientPipelineOptimizer.finalize_variable_values "
-    "(optimizers/base.py) described in issue 23's report: it reads "
-    "variables that Keras's JAX trainer left detached after the failed "
-    "first step, and its TypeError replaces the step's error"
-)
-
 
 def _model():
     return keras.Sequential(
@@ -165,7 +158,6 @@ def _data(value=1.0):
     return np.full((8, 3), value, "float32"), np.ones((8, 1), "float32")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=BASE_PY_FIX)
 def test_fit_shows_the_refusal_of_raise_under_jit():
     model = _model()
     model.compile(optimizer=kg.Adam(on_nonfinite="raise"), loss="mse")
@@ -173,7 +165,6 @@ def test_fit_shows_the_refusal_of_raise_under_jit():
         model.fit(*_data(), epochs=1, verbose=0)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=BASE_PY_FIX)
 def test_fit_shows_a_nonfinite_gradient_with_raise_uncompiled():
     model = _model()
     model.compile(
@@ -183,7 +174,6 @@ def test_fit_shows_a_nonfinite_gradient_with_raise_uncompiled():
         model.fit(*_data(np.nan), epochs=1, verbose=0)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=BASE_PY_FIX)
 def test_fit_shows_keras_error_after_a_layer_is_frozen():
     model = _model()
     model.compile(optimizer=kg.Adam(), loss="mse")

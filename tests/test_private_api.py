@@ -74,6 +74,15 @@ def test_stateless_scope_query():
         assert private_api.in_stateless_scope()
 
 
+def test_holds_values_sees_variables_detached_by_fit():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert private_api.holds_values(model.weights)
+    if keras.backend.backend() == "jax":
+        # What Keras's JAX trainer does to the variables during an epoch.
+        model._purge_model_variables(trainable_variables=True)
+        assert not private_api.holds_values(model.weights)
+
+
 @pytest.mark.tensorflow_only
 def test_xla_context_query():
     import tensorflow as tf

@@ -136,6 +136,17 @@ def uses_weight_decay(optimizer, variable) -> bool:
 # Keras backend internals.
 
 
+def holds_values(variables) -> bool:
+    """Whether every variable holds its value. Keras's JAX trainer detaches
+    the values of the model's and the optimizer's variables while `fit`
+    runs an epoch (`_purge_model_variables` sets `_value = None`) and
+    reattaches them when the epoch ends, but not when its first step
+    fails. Other backends never detach them."""
+    if keras.backend.backend() != "jax":
+        return True
+    return all(getattr(v, "_value", None) is not None for v in variables)
+
+
 def in_stateless_scope() -> bool:
     """Whether a `keras.StatelessScope` is active (Keras exports the scope,
     not the query)."""

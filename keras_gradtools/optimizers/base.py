@@ -266,6 +266,11 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         """What Keras calls at the end of `fit`: the moving average of the
         weights replaces them (with `use_ema`), and micro-batches left out
         as non-finite since the last report are reported."""
+        if not private_api.holds_values(self.variables):
+            # `fit` on JAX failed in its first step and left the variables
+            # detached: reading them would replace the step's error with a
+            # TypeError of Keras's.
+            return
         super().finalize_variable_values(var_list)
         self.report_skipped_micro_batches("During this fit")
 
