@@ -62,7 +62,9 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         global_clipnorm: float | None = None,
         gradient_accumulation_steps: int | None = None,
         name: str | None = None,
+        **kwargs: Any,
     ) -> None:
+        _refuse_inner_arguments(kwargs)
         inner_optimizer = _check_inner(inner_optimizer)
         super().__init__(
             # The inner optimizer owns the learning rate (see the property).
@@ -152,6 +154,19 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         described["class"] += f"({type(self.inner_optimizer).__name__})"
         return described
 
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Exempts variables from the inner optimizer's weight decay (the
+        wrapper has none of its own).
+
+        Args:
+            var_list: A list of variables to exempt.
+            var_names: A list of strings; variables whose name contains one
+                of them are exempt.
+        """
+        self.inner_optimizer.exclude_from_weight_decay(
+            var_list=var_list, var_names=var_names
+        )
+
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
         self.report_skipped_micro_batches("During this fit")
@@ -215,6 +230,41 @@ def wrap(
     >>> model.compile(optimizer=opt, loss="mse")
     """
     return GradientPipelineWrapper(optimizer, **kwargs)
+
+
+# `keras.optimizers.Optimizer` arguments that belong to the rule, so to the
+# inner optimizer.
+_INNER_ARGUMENTS = (
+    "learning_rate",
+    "weight_decay",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+)
+
+
+def _refuse_inner_arguments(kwargs):
+    """Raises a `TypeError` that says where an argument goes."""
+    if not kwargs:
+        return
+    inner = sorted(k for k in kwargs if k in _INNER_ARGUMENTS)
+    if inner:
+        settings = ", ".join(f"{k}={kwargs[k]!r}" for k in inner)
+        raise TypeError(
+            f"`{'`, `'.join(inner)}` belong(s) to the inner optimizer, which "
+            "owns the update rule: set it there, e.g. "
+            f"keras_gradtools.wrap(keras.optimizers.AdamW({settings}), ...). "
+            "The wrapper takes the pipeline's arguments only."
+        )
+    raise TypeError(
+        "GradientPipelineWrapper got unexpected keyword argument(s) "
+        f"{sorted(kwargs)}. It takes the inner optimizer and the pipeline's "
+        "arguments: accumulation_steps, max_accumulation_steps, noise_eta, "
+        "noise_gamma, noise_seed, clipnorm, clipvalue, global_clipnorm, "
+        "clip_micro_batches, sync_micro_batches, on_nonfinite, "
+        "track_gradient_statistics, jit_compile, name."
+    )
 
 
 def _check_inner(inner_optimizer):
