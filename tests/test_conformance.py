@@ -299,6 +299,32 @@ def test_apply_gradients_and_callable_learning_rate():
     )
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+@pytest.mark.parametrize("kind", ["ours", "wrap"])
+def test_callable_learning_rate_is_read_at_every_apply(kind, jit_compile):
+    """Keras calls a callable learning rate whenever it applies; a compiled
+    eager `apply` must not freeze the value it saw when traced."""
+    rates = iter([0.1, 0.2, 0.4])
+    current = {"rate": None}
+
+    def learning_rate():
+        return current["rate"]
+
+    if kind == "ours":
+        optimizer = kg.SGD(learning_rate, jit_compile=jit_compile)
+    else:
+        optimizer = kg.wrap(
+            keras.optimizers.SGD(learning_rate), jit_compile=jit_compile
+        )
+    variable = keras.Variable(np.zeros(2, "float32"))
+    expected = np.zeros(2)
+    for rate in rates:
+        current["rate"] = rate
+        optimizer.apply([np.ones(2, "float32")], [variable])
+        expected -= rate
+        _assert_all_close([ops.convert_to_numpy(variable)], [expected])
+
+
 def test_empty_gradients_error_and_warning():
     variables = _variables()
     optimizer = kg.SGD(1.0)

@@ -100,11 +100,6 @@ def test_demo_epoch_curves_without_tensorflow(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.tensorflow_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs tf.function(..., autograph=False) in "
-    "keras_gradtools/backends/tensorflow.py::_compiled_pipeline",
-)
 def test_custom_loop_prints_no_autograph_warning():
     """An eager `apply` compiles the pipeline with `tf.function`; AutoGraph
     converting it reached `importlib.import_module` (through

@@ -74,6 +74,19 @@ def test_stateless_scope_query():
         assert private_api.in_stateless_scope()
 
 
+def test_callable_learning_rate_is_evaluated_and_fed():
+    optimizer = keras.optimizers.SGD(lambda: 0.25)
+    value = private_api.callable_learning_rate_value(optimizer)
+    assert float(value) == 0.25
+    with private_api.feeding_learning_rate(optimizer, 0.5):
+        assert float(optimizer.learning_rate) == 0.5
+    assert float(optimizer.learning_rate) == 0.25
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    for setting in (0.1, schedule):
+        optimizer = keras.optimizers.SGD(setting)
+        assert private_api.callable_learning_rate_value(optimizer) is None
+
+
 def test_holds_values_sees_variables_detached_by_fit():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     assert private_api.holds_values(model.weights)

@@ -102,7 +102,12 @@ def apply(optimizer, grads, variables):
     state = optimizer._state_variables()
     indices = tuple(optimizer._variable_index(v) for v in variables)
     function = _stateless_pipeline(optimizer, indices)
-    new_values = function([v.value for v in state], list(grads))
+    # A callable learning rate is called now, as Keras calls it on every
+    # apply, and its value passed in: traced, it would be frozen.
+    learning_rate = private_api.callable_learning_rate_value(
+        optimizer._learning_rate_owner()
+    )
+    new_values = function([v.value for v in state], list(grads), learning_rate)
     for variable, value in zip(state, new_values):
         variable.assign(value)
 
@@ -118,10 +123,14 @@ def _stateless_pipeline(optimizer, indices):
         state = optimizer._state_variables()
         variables = [optimizer._trainable_variable(i) for i in indices]
 
-        def pipeline(values, grads):
-            with keras.StatelessScope(
-                state_mapping=list(zip(state, values))
-            ) as scope:
+        def pipeline(values, grads, learning_rate):
+            owner = optimizer._learning_rate_owner()
+            with (
+                keras.StatelessScope(
+                    state_mapping=list(zip(state, values))
+                ) as scope,
+                private_api.feeding_learning_rate(owner, learning_rate),
+            ):
                 optimizer._cycle.run(grads, variables)
             return [
                 _current_value(scope, variable, value)

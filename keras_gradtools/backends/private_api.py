@@ -13,6 +13,8 @@ The attributes used are those of `keras.src.optimizers.base_optimizer
 .stateless_scope`, and of TensorFlow's `control_flow_util`.
 """
 
+import contextlib
+
 import keras
 
 # The private attributes of `keras.optimizers.Optimizer` used below; an
@@ -64,6 +66,39 @@ def iterations_variable(optimizer):
 def learning_rate_setting(optimizer):
     """The learning rate as given: a variable, a schedule or a callable."""
     return optimizer._learning_rate
+
+
+def callable_learning_rate_value(optimizer):
+    """The value of `optimizer`'s learning rate now, if it was given as a
+    plain callable (not a schedule, not a number), else `None`. Keras
+    calls such a callable whenever it reads the learning rate; a compiled
+    step would read it once, when traced."""
+    from keras import optimizers
+
+    setting = optimizer._learning_rate
+    if (
+        not callable(setting)
+        or isinstance(setting, optimizers.schedules.LearningRateSchedule)
+        or isinstance(setting, keras.Variable)
+    ):
+        return None
+    return keras.ops.convert_to_tensor(setting(), "float32")
+
+
+@contextlib.contextmanager
+def feeding_learning_rate(optimizer, value):
+    """While traced: `optimizer`'s callable learning rate returns `value`
+    (an argument of the compiled step) instead of being called."""
+    if value is None:
+        yield
+        return
+    setting = optimizer._learning_rate
+    # Not a tracked attribute: bypass Keras's (and TensorFlow's) tracking.
+    object.__setattr__(optimizer, "_learning_rate", lambda: value)
+    try:
+        yield
+    finally:
+        object.__setattr__(optimizer, "_learning_rate", setting)
 
 
 def keras_variables(optimizer) -> list:

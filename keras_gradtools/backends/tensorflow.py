@@ -90,7 +90,12 @@ def apply(optimizer, grads, variables):
         return
     if optimizer.jit_compile and tf.executing_eagerly():
         indices = tuple(optimizer._variable_index(v) for v in variables)
-        _compiled_pipeline(optimizer)(tuple(grads), indices)
+        # A callable learning rate is called now, as Keras calls it on
+        # every apply, and its value passed in: traced, it would be frozen.
+        learning_rate = private_api.callable_learning_rate_value(
+            optimizer._learning_rate_owner()
+        )
+        _compiled_pipeline(optimizer)(tuple(grads), indices, learning_rate)
         return
     optimizer._cycle.run(grads, variables)
 
@@ -99,11 +104,17 @@ def _compiled_pipeline(optimizer):
     compiled = getattr(optimizer, "_keras_gradtools_compiled", None)
     if compiled is None:
 
-        def run(grads, indices):
+        def run(grads, indices, learning_rate):
             variables = [optimizer._trainable_variable(i) for i in indices]
-            optimizer._cycle.run(list(grads), variables)
+            with private_api.feeding_learning_rate(
+                optimizer._learning_rate_owner(), learning_rate
+            ):
+                optimizer._cycle.run(list(grads), variables)
 
-        compiled = tf.function(run, jit_compile=True)
+        # No AutoGraph: the pipeline has no Python control flow on tensors
+        # (see `not_for_autograph`), and converting it warned about
+        # `importlib`'s `_gcd_import`.
+        compiled = tf.function(run, jit_compile=True, autograph=False)
         # Not a trackable attribute: nothing to save.
         object.__setattr__(optimizer, "_keras_gradtools_compiled", compiled)
     return compiled

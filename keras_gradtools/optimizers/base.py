@@ -212,6 +212,10 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             )
         self._accumulator.learning_rate_factor.assign(factor)
 
+    def _learning_rate_owner(self):
+        """The optimizer whose learning-rate setting the rule reads."""
+        return self
+
     def _scaled_learning_rate(self):
         """The learning rate of this update: the rate (or its schedule's
         value at `iterations`) times `learning_rate_factor`."""
@@ -681,6 +685,19 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         if self.weight_decay and private_api.uses_weight_decay(self, variable):
             lr = ops.cast(learning_rate, variable.dtype)
             wd = ops.cast(self.weight_decay, variable.dtype)
+            factor = getattr(self, "_weight_decay_factor", None)
+            if factor is not None:
+                # Moved with K by a batch-size policy (Adam, AdamW; 1 until
+                # then, which leaves `wd` as it is).
+                factor = ops.convert_to_tensor(factor)
+                wd = ops.where(
+                    ops.equal(factor, 1.0),
+                    wd,
+                    ops.cast(
+                        ops.multiply(float(self.weight_decay), factor),
+                        variable.dtype,
+                    ),
+                )
             self.assign(variable, variable - variable * wd * lr)
 
     def update_step(
@@ -967,6 +984,12 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 "sum_of_squares", self._keeps_square_sums
             ),
         )
+        if "hyperparameter_transfer" in expected["settings"]:
+            # Files written before the switches existed hold none: they
+            # keep their neutral values (off, factor 1).
+            expected["settings"]["hyperparameter_transfer"] = settings.get(
+                "hyperparameter_transfer"
+            )
         expected["variables"] = layout.describe("", True, {}, variables)[
             "variables"
         ]
@@ -975,7 +998,16 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             variable.assign(array)
         self._check_restored_cycle()
         accumulator = self._accumulator
-        if len(variables) < len(self.variables) and accumulator.accumulates:
+        roles = self._roles
+        missing = {roles.get(id(v)) for v in self.variables} - {
+            roles.get(id(v)) for v in variables
+        }
+        missing -= {
+            "beta_1_transfer",
+            "beta_2_transfer",
+            "weight_decay_transfer",
+        }
+        if missing and accumulator.accumulates:
             # Statistics on here but not in the saved state.
             accumulator.complete_square_norm_sums()
 
@@ -990,6 +1022,12 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             dropped.add("square_sum")
         if not (settings.get("statistics") or settings.get("sum_of_squares")):
             dropped.add("cycle_samples")
+        if not settings.get("hyperparameter_transfer"):
+            dropped |= {
+                "beta_1_transfer",
+                "beta_2_transfer",
+                "weight_decay_transfer",
+            }
         roles = self._roles
         return [v for v in self.variables if roles.get(id(v)) not in dropped]
 

@@ -134,6 +134,9 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
             "`learning_rate_factor`."
         )
 
+    def _learning_rate_owner(self):
+        return self.inner_optimizer
+
     def _scaled_learning_rate(self):
         return self.learning_rate
 
