@@ -234,3 +234,31 @@ def test_on_nonfinite_raise_in_graphs(rng):
     assert max_abs_difference(values(variables), before) == 0.0
     with pytest.raises(ValueError, match="XLA"):
         tf.function(step, jit_compile=True)(bad)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_huge_finite_gradient_is_clipped_to_finite_weights(jit_compile):
+    """Elements of 1e20 square to inf in float32; the global norm must not
+    (Keras's global_clipnorm turns this gradient into NaN weights)."""
+    variable = keras.Variable(np.zeros(3, "float32"))
+    optimizer = kg.SGD(1.0, global_clipnorm=1.0, jit_compile=jit_compile)
+    optimizer.apply([np.array([1e20, 0.0, 0.0], "float32")], [variable])
+    np.testing.assert_allclose(variable.numpy(), [-1.0, 0.0, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_finite_micro_batches_whose_sum_overflows_are_left_out(jit_compile):
+    variable = keras.Variable(np.ones(2, "float32"))
+    optimizer = kg.SGD(
+        1.0, accumulation_steps=2, global_clipnorm=1.0, jit_compile=jit_compile
+    )
+    huge = np.array([3e38, 0.0], "float32")
+    for _ in range(2):
+        optimizer.apply([huge], [variable])
+    np.testing.assert_array_equal(variable.numpy(), [1.0, 1.0])
+    assert int(optimizer.iterations.numpy()) == 0
+    assert int(optimizer.skipped_micro_batches.numpy()) == 1
+    # The next cycle is a fresh one.
+    for _ in range(2):
+        optimizer.apply([np.array([3.0, 4.0], "float32")], [variable])
+    np.testing.assert_allclose(variable.numpy(), [0.4, 0.2], rtol=1e-6)

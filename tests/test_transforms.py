@@ -152,6 +152,33 @@ def test_clipping_and_its_factors(tensors, mode, threshold, given_norms):
     assert transforms.needs_square_norms(1.0, None) is True
 
 
+@pytest.mark.parametrize("mode", ["clipnorm", "global_clipnorm"])
+def test_norm_clipping_of_finite_gradients_whose_squares_overflow(mode):
+    """Elements of 1e20 square to inf in float32: the norm is taken from
+    the tensor scaled by its largest element instead (float64 reference)."""
+    huge = [
+        np.array([1e20, -3e20, 2e20], "float32"),
+        np.array([[4e19, 0.0]], "float32"),
+    ]
+    clipped, factors = transforms.clip_gradients(
+        huge, square_norms=transforms.square_norms(huge), **{mode: 1.0}
+    )
+    expected, expected_factors = ref.clip(huge, mode, 1.0)
+    for c, e, f, ef in zip(clipped, expected, factors, expected_factors):
+        assert np.all(np.isfinite(_np(c)))
+        np.testing.assert_allclose(_np(c), e, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(_np(f), ef, rtol=1e-5)
+
+
+def test_norm_clipping_keeps_nonfinite_gradients_nonfinite():
+    for bad in (np.inf, np.nan):
+        tensors = [np.array([1.0, bad], "float32"), np.ones(2, "float32")]
+        clipped, _ = transforms.clip_gradients(tensors, global_clipnorm=1.0)
+        assert not np.all(np.isfinite(_np(clipped[0])))
+        clipped, _ = transforms.clip_gradients(tensors, clipnorm=1.0)
+        assert not np.all(np.isfinite(_np(clipped[0])))
+
+
 def test_reductions(tensors):
     norms = transforms.square_norms(tensors)
     for n, t in zip(norms, tensors):

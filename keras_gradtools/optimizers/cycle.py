@@ -211,7 +211,17 @@ class CycleDriver:
             mean_squares = self._checked_mean_squares(
                 mean_squares, means, valid
             )
-        gate = count > 0 if optimizer.on_nonfinite == "skip" else None
+        gate = None
+        if optimizer.on_nonfinite == "skip":
+            # Finite micro-batches can still sum beyond float32's range
+            # (two of 3e38): such a cycle is left out like a non-finite
+            # micro-batch, and counted as one where the count is local.
+            sums_finite = transforms.all_finite(means)
+            if placement is LOCAL:
+                accumulator.count_skipped(
+                    sums_finite, counted=ops.greater(count, 0)
+                )
+            gate = ops.logical_and(ops.greater(count, 0), sums_finite)
         for i in optimizer._overwritten_indices:
             optimizer._trainable_variable(i).assign(accumulator.maxima(i))
         if not indices:

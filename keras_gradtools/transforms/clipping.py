@@ -11,6 +11,10 @@ from collections.abc import Sequence
 
 from keras import ops
 
+from keras_gradtools import backends
+from keras_gradtools.transforms.reductions import combined_norm
+from keras_gradtools.transforms.reductions import norms_without_overflow
+from keras_gradtools.transforms.reductions import scaled_norms
 from keras_gradtools.transforms.reductions import square_norms as _square_norms
 from keras_gradtools.transforms.reductions import total
 from keras_gradtools.types import TensorLike
@@ -35,12 +39,8 @@ def clip_by_norm(
     if square_norms is None:
         square_norms = _square_norms(tensors)
     clipped, factors = [], []
-    for t, l2sum in zip(tensors, square_norms):
-        nonzero = l2sum > 0
-        # Two-sided where: the sqrt of a zero sum never reaches a gradient.
-        norm = ops.where(
-            nonzero, ops.sqrt(ops.where(nonzero, l2sum, 1.0)), l2sum
-        )
+    norms = norms_without_overflow(tensors, square_norms)
+    for t, norm in zip(tensors, norms):
         factor = clipnorm / ops.maximum(norm, clipnorm)
         clipped.append(ops.multiply(t, factor))
         factors.append(factor)
@@ -56,11 +56,22 @@ def clip_by_global_norm(
     most `clipnorm` (the rule `keras.optimizers` uses).
 
     A non-finite global norm gives a NaN factor, as in Keras, so that a
-    non-finite gradient is never silently turned into a finite one.
+    non-finite gradient is never silently turned into a finite one. A
+    finite gradient whose squared norm overflows float32 (elements beyond
+    ~1.8e19; Keras's global norm is then inf and its factor NaN) keeps a
+    finite norm (`norms_without_overflow`) and is clipped.
     """
     if square_norms is None:
         square_norms = _square_norms(tensors)
-    norm = ops.sqrt(total(square_norms))
+    squares = total(square_norms)
+
+    def plain():
+        return ops.sqrt(squares)
+
+    def scaled():
+        return combined_norm(scaled_norms(tensors, square_norms))
+
+    norm = backends.cond(ops.isfinite(squares), plain, scaled)
     factor = clipnorm * ops.minimum(1.0 / norm, 1.0 / clipnorm)
     factor = factor + (norm - norm)
     return [ops.multiply(t, factor) for t in tensors], [factor] * len(tensors)

@@ -63,6 +63,73 @@ def global_norm(tensors: Sequence[TensorLike]) -> TensorLike:
     return ops.sqrt(total(square_norms(tensors)))
 
 
+def norms_without_overflow(
+    tensors: Sequence[TensorLike], square_norms: Sequence[TensorLike]
+) -> list[TensorLike]:
+    """Returns each tensor's L2 norm from its squared norm, without the
+    overflow of `sum(t**2)` for finite elements beyond ~1.8e19.
+
+    While every squared norm is finite (always, in practice) the norms are
+    their square roots. Otherwise every tensor is divided by its largest
+    magnitude before it is squared and summed, in one branch taken only
+    then: a finite tensor keeps a finite norm (up to float32's maximum),
+    and a tensor holding NaN or inf keeps a non-finite one.
+
+    Args:
+        tensors: The tensors.
+        square_norms: Their squared L2 norms (`square_norms(tensors)`).
+
+    Returns:
+        A list of float32 scalars.
+    """
+
+    def plain():
+        return [_sqrt_or_zero(s) for s in square_norms]
+
+    def scaled():
+        return scaled_norms(tensors, square_norms)
+
+    return backends.cond(ops.isfinite(total(square_norms)), plain, scaled)
+
+
+def scaled_norms(
+    tensors: Sequence[TensorLike], square_norms: Sequence[TensorLike]
+) -> list[TensorLike]:
+    """The slow branch of `norms_without_overflow`: each tensor whose
+    squared norm is not finite is divided by its largest magnitude before
+    it is squared and summed."""
+    return [
+        ops.where(ops.isfinite(s), _sqrt_or_zero(s), _scaled_norm(t))
+        for t, s in zip(tensors, square_norms)
+    ]
+
+
+def combined_norm(norms: Sequence[TensorLike]) -> TensorLike:
+    """Returns `sqrt(sum(n**2))` of finite norms without overflow: scaled
+    by the largest of them first."""
+    norms = ops.stack(list(norms))
+    largest = ops.max(norms)
+    safe = ops.where(
+        ops.logical_and(largest > 0, ops.isfinite(largest)), largest, 1.0
+    )
+    return ops.multiply(safe, ops.sqrt(ops.sum(ops.square(norms / safe))))
+
+
+def _sqrt_or_zero(square):
+    # Two-sided where: the sqrt of a zero sum never reaches a gradient.
+    nonzero = square > 0
+    return ops.where(nonzero, ops.sqrt(ops.where(nonzero, square, 1.0)), square)
+
+
+def _scaled_norm(tensor):
+    flat = ops.reshape(tensor, (-1,))
+    largest = ops.max(ops.abs(flat))
+    safe = ops.where(
+        ops.logical_and(largest > 0, ops.isfinite(largest)), largest, 1.0
+    )
+    return ops.multiply(safe, ops.sqrt(ops.sum(ops.square(flat / safe))))
+
+
 def all_finite(
     tensors: Sequence[TensorLike],
     partial_sums: Sequence[TensorLike] | None = None,
