@@ -48,7 +48,15 @@ def fixture_optimizers():
     return {
         "sgd": kg.SGD(0.05, momentum=0.9, nesterov=True, **common),
         "adam": kg.Adam(1e-2, second_moment="micro", **common),
-        "adamw": kg.AdamW(1e-2, weight_decay=0.01, amsgrad=True, **common),
+        # Written when "micro" was the default; it stays in the file's
+        # config, which is what loading restores.
+        "adamw": kg.AdamW(
+            1e-2,
+            weight_decay=0.01,
+            amsgrad=True,
+            second_moment="micro",
+            **common,
+        ),
         "wrap_rmsprop": kg.wrap(keras.optimizers.RMSprop(1e-3), **common),
     }
 

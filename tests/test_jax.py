@@ -247,7 +247,8 @@ draws = ops.convert_to_numpy(
 result = {"draws": draws.tolist()}
 for name, make in {
     "adam_micro": lambda: kg.Adam(0.02, accumulation_steps=4, noise_eta=0.05,
-                                  noise_seed=9, global_clipnorm=2.0),
+                                  noise_seed=9, global_clipnorm=2.0,
+                                  second_moment="micro"),
     "sgd": lambda: kg.SGD(0.05, momentum=0.9, accumulation_steps=3,
                           noise_eta=0.05, noise_seed=9, clipnorm=1.0),
     "adamw_macro": lambda: kg.AdamW(0.02, second_moment="macro",

@@ -169,7 +169,10 @@ def test_only_the_slots_a_configuration_reads_exist(rng):
         slot_elements(kg.Adam(accumulation_steps=4, second_moment="macro"))
         == 3 * parameters
     )
-    assert slot_elements(kg.Adam(accumulation_steps=4)) == 4 * parameters
+    assert (
+        slot_elements(kg.Adam(accumulation_steps=4, second_moment="micro"))
+        == 4 * parameters
+    )
 
 
 def test_gradient_statistics_is_a_snapshot(rng):

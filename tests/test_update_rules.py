@@ -79,9 +79,21 @@ RULES = {
         ),
     ),
     "adam_amsgrad": (
-        lambda **kw: kg.Adam(LR_ADAM, BETA_1, BETA_2, amsgrad=True, **kw),
+        lambda **kw: kg.Adam(
+            LR_ADAM,
+            BETA_1,
+            BETA_2,
+            amsgrad=True,
+            second_moment="micro",
+            **kw,
+        ),
         lambda k: ref.AdamRule(
-            LR_ADAM, BETA_1, BETA_2, amsgrad=True, accumulation_steps=k
+            LR_ADAM,
+            BETA_1,
+            BETA_2,
+            amsgrad=True,
+            second_moment="micro",
+            accumulation_steps=k,
         ),
     ),
     "adamw": (

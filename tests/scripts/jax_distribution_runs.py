@@ -264,9 +264,12 @@ def check_collectives(used):
         "ours Adam K=4 macro": lambda: kg.Adam(
             0.05, second_moment="macro", accumulation_steps=4
         ),
-        "ours Adam K=4 micro": lambda: kg.Adam(0.05, accumulation_steps=4),
+        "ours Adam K=4 micro": lambda: kg.Adam(
+            0.05, second_moment="micro", accumulation_steps=4
+        ),
         "ours Adam K=4 micro + noise + clip + statistics": lambda: kg.Adam(
             0.05,
+            second_moment="micro",
             accumulation_steps=4,
             noise_eta=0.01,
             global_clipnorm=1.0,
