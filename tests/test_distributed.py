@@ -166,20 +166,71 @@ def test_monitor_measures_the_known_noise_scale_under_a_strategy(mirrored):
     assert any("per_coordinate" in tag for tag in others)
 
 
+CONTRACT_WHERE = (
+    "single",
+    "cross_replica",
+    "replica",
+    "replica_captured",
+    "replica_lazy",
+)
+
+
 @pytest.mark.slow
 def test_what_keras_accepts_under_the_strategy_ours_does(mirrored):
     """A plain tf.Variable among the trainable variables, gradients
-    computed outside `strategy.run`, and variable constraints, for K = 1
-    and 2: the same weights as one device, every replica's copy equal."""
+    computed outside `strategy.run` (applied in cross-replica context, or
+    the same tensors handed to every replica: applied once, not once per
+    replica), an optimizer built by its first `apply` in an eager
+    `strategy.run`, and variable constraints, for K = 1 and 2: the same
+    weights as one device, every replica's copy equal."""
     found = [r for r in mirrored if r["check"] == "keras_contract"]
     assert {(r["k"], r["where"]) for r in found} == {
-        (k, w) for k in (1, 2) for w in ("single", "cross_replica", "replica")
+        (k, w) for k in (1, 2) for w in CONTRACT_WHERE
     }
     for r in found:
         assert r["iterations"] == 4 // r["k"]
         assert r["constrained_min"] >= 0.0
         assert r["differing_replicas"] == []
-        assert r["max_abs_difference"] <= FLOAT32_ROUNDING
+        assert r["max_abs_difference"] <= FLOAT32_ROUNDING, r
+    for k in (1, 2):
+        # Built lazily in replica context: the same variables, of the same
+        # kinds (the accumulators per replica), as built in the scope.
+        lazy = _one(mirrored, check="keras_contract", k=k, where="replica_lazy")
+        scoped = _one(
+            mirrored, check="keras_contract", k=k, where="cross_replica"
+        )
+        assert lazy["variable_kinds"] == scoped["variable_kinds"]
+        assert "SyncOnReadVariable" in lazy["variable_kinds"]
+
+
+@pytest.mark.slow
+def test_keras_applies_a_captured_gradient_once_and_builds_lazily(mirrored):
+    """What the contract above matches: Keras's SGD, on the same gradients,
+    applies a tensor captured by every replica once and builds in an eager
+    `strategy.run`, reaching the one-device weights."""
+    found = [r for r in mirrored if r["check"] == "keras_contract_keras"]
+    assert {r["where"] for r in found} == {
+        "single",
+        "replica_captured",
+        "replica_lazy",
+    }
+    for r in found:
+        assert r["max_abs_difference"] <= FLOAT32_ROUNDING, r
+
+
+@pytest.mark.slow
+def test_first_apply_in_a_traced_strategy_run_refuses_to_build(mirrored):
+    result = _one(mirrored, check="traced_lazy_build")
+    assert "traced `strategy.run`" in result["error"]
+    assert "optimizer.build(model.trainable_variables)" in result["error"]
+    assert result["built"] is False
+
+
+@pytest.mark.slow
+def test_gradients_partly_shared_by_every_replica_are_refused(mirrored):
+    result = _one(mirrored, check="mixed_gradients")
+    assert "some are the same tensor on every replica" in result["error"]
+    assert result["iterations"] == 0
 
 
 @pytest.mark.slow

@@ -26,7 +26,14 @@ identical.
 Called in cross-replica context (gradients computed outside `strategy.run`,
 e.g. with a `GradientTape` in the strategy's scope), `apply` treats them as
 the global micro-batch gradient: one sample per micro-batch, written into
-the first replica's sums.
+the first replica's sums. So it does in replica context when every replica
+hands it the same tensors (captured from outside `strategy.run`), which
+Keras's optimizers also apply once: a `merge_call` tells them apart from
+per-replica gradients when the step is traced.
+
+The optimizer is built in `strategy.scope()` (by `model.compile`, or
+`optimizer.build`), or lazily by its first `apply` inside an eager
+`strategy.run`, as Keras's are; not inside a traced one (`strategy_for_build`).
 """
 
 import contextlib
@@ -44,17 +51,29 @@ def strategy_for_build(optimizer):
     """The non-default strategy in scope when `optimizer` is built, or
     `None`.
 
+    Built in `strategy.scope()` (cross-replica context), or lazily by its
+    first `apply` inside an eager `strategy.run`, as Keras's optimizers are:
+    there the first replica creates every variable (mirrored, and the
+    accumulators SyncOnRead) and the others find the optimizer built.
+
     Raises:
-        ValueError: when built inside `strategy.run` (replica context).
+        ValueError: when first built inside a traced `strategy.run` (a
+            `tf.function`), where variables created in replica context are
+            initialized from a traced read of the first replica's copy, which
+            fails at run time (Keras's optimizers too, with an
+            `InvalidArgumentError` about a placeholder).
     """
     if not tf.distribute.has_strategy():
         return None
-    if tf.distribute.in_cross_replica_context() is False:
+    in_replica = tf.distribute.in_cross_replica_context() is False
+    if in_replica and not tf.executing_eagerly():
         raise ValueError(
-            "Build the optimizer before `strategy.run`, inside "
-            "`strategy.scope()`: call "
-            "`optimizer.build(model.trainable_variables)` there (or use "
-            "`model.compile` and `model.fit`, which do it)."
+            "This optimizer is being built by its first `apply` inside a "
+            "traced `strategy.run` (a `tf.function`), where its variables "
+            "cannot be created correctly. Build it before, inside "
+            "`strategy.scope()`: `optimizer.build(model.trainable_variables)`"
+            " (or use `model.compile` and `model.fit`, which do it), or make "
+            "the first `strategy.run` eager."
         )
     return tf.distribute.get_strategy()
 
@@ -76,7 +95,13 @@ def add_local_variable(optimizer, strategy, shape, dtype, name, reference):
     colocate = contextlib.nullcontext()
     if reference is not None:
         colocate = strategy.extended.colocate_vars_with(tf_variable(reference))
-    with strategy.scope(), colocate:
+    # Built lazily inside an eager `strategy.run`, the first replica creates
+    # the variable for all, in the strategy already (whose scope cannot be
+    # entered in replica context).
+    scope = contextlib.nullcontext()
+    if tf.distribute.in_cross_replica_context():
+        scope = strategy.scope()
+    with scope, colocate:
         with keras.name_scope(optimizer.name, caller=optimizer):
             variable = keras.Variable(
                 initializer=initializers.Zeros(),
@@ -134,6 +159,9 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables):
     context = tf.distribute.get_replica_context()
     replicas = strategy.num_replicas_in_sync
     indices = [optimizer._variable_index(v) for v in variables]
+    if _handed_to_every_replica(context, grads):
+        _apply_global_gradient(optimizer, context, grads, indices)
+        return
     samples = samples_per_micro_batch(optimizer)
     if not optimizer._accumulator.accumulates:
         # Clipping each micro-batch acts on the sum over replicas, after
@@ -170,6 +198,69 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables):
         keeper=keeper,
     )
     context.merge_call(_finish_micro_batch, args=(optimizer, indices, samples))
+
+
+def _handed_to_every_replica(context, grads):
+    """Whether `grads` are the same tensors on every replica (captured from
+    outside `strategy.run`, or passed to it as plain arguments): one global
+    gradient, not one per replica.
+
+    A `merge_call` passes on a value that every replica handed over as the
+    same object as that object, and per-replica values as `PerReplica`; this
+    is how Keras's optimizers (through `all_reduce`) take such a gradient
+    once. It costs no communication: the answer is known when the step is
+    traced (or, eagerly, on the host).
+
+    Raises:
+        ValueError: when some gradients are shared by every replica and
+            others are not.
+    """
+    if len(context.strategy.extended.worker_devices) < 2:
+        # One replica in this process (one device, or one per worker): a
+        # value is trivially the same object on every local replica, and
+        # other workers' tensors are not comparable. Each replica's own.
+        return False
+    shared = context.merge_call(
+        lambda _, *values: [
+            not isinstance(v, tf.distribute.DistributedValues) for v in values
+        ],
+        args=tuple(grads),
+    )
+    if shared and all(shared):
+        return True
+    if any(shared):
+        raise ValueError(
+            "`apply` inside `strategy.run` received gradients of which some "
+            "are the same tensor on every replica (computed outside "
+            "`strategy.run`, which counts once) and others are each "
+            "replica's own (which are summed over the replicas). Compute all "
+            "`grads` inside the replica function, or all outside it."
+        )
+    return False
+
+
+def _apply_global_gradient(optimizer, context, grads, indices):
+    """Gradients handed to every replica alike: the global micro-batch
+    gradient, one sample per micro-batch, which replica 0 keeps (as when
+    `apply` is called in cross-replica context)."""
+    driver = optimizer._cycle
+    replicas = context.num_replicas_in_sync
+    keeper = ops.equal(context.replica_id_in_sync_group, 0)
+    accumulates = optimizer._accumulator.accumulates
+    local = driver.local_half(
+        grads,
+        indices,
+        count=1.0 / replicas,
+        keeper=keeper,
+        clip=accumulates,
+    )
+    if accumulates:
+        context.merge_call(_finish_micro_batch, args=(optimizer, indices, 1))
+        return
+    # (Each replica's `where` of the keeper is its own tensor already.)
+    context.merge_call(
+        _update_from_replicas, args=(optimizer, local.grads, None, indices)
+    )
 
 
 def _apply_in_cross_replica_context(optimizer, strategy, grads, variables):

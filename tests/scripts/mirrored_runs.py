@@ -10,7 +10,7 @@ per check:
 
 with CHECK one of equality (2 replicas), equality3 (3 replicas), estimator,
 save_mid_cycle, restore (onto 1 and 2 replicas), restore3, monitor,
-clip_after_sum. One
+clip_after_sum, keras_contract. One
 process runs one replica count besides 1: collective groups of different
 sizes do not mix in a process.
 
@@ -23,6 +23,11 @@ sizes do not mix in a process.
   replicas, restore onto 1, 2 and 3, finish, compare with an uninterrupted
   run.
 - monitor: GradientVarianceMonitor in fit under the strategy.
+- keras_contract: what Keras's optimizers accept (plain tf.Variables,
+  gradients from outside `strategy.run`, in cross-replica context or
+  captured by every replica, a lazy build in an eager `strategy.run`,
+  constraints), against one device and against Keras's SGD; the refusal
+  to build inside a traced `strategy.run`; AdaptiveAccumulation.
 """
 
 import functools
@@ -413,10 +418,21 @@ def check_monitor(directory, replicas=2):
     )
 
 
+CONTRACT_WHERE = (
+    "single",
+    "cross_replica",
+    "replica",
+    "replica_captured",
+    "replica_lazy",
+)
+
+
 def check_keras_contract(replicas=2):
     """What Keras's optimizers accept under the strategy, ours too: a plain
     tf.Variable among the trainable ones; gradients computed outside
-    `strategy.run` (cross-replica context); variable constraints; and K
+    `strategy.run`, applied in cross-replica context or captured by every
+    replica (once, not once per replica); an optimizer built lazily by its
+    first `apply` in an eager `strategy.run`; variable constraints; and K
     changed by AdaptiveAccumulation, the same on every replica."""
     strategy = strategy_over(replicas)
     rng = np.random.default_rng(4)
@@ -434,7 +450,7 @@ def check_keras_contract(replicas=2):
 
     for k in (1, 2):
         weights = {}
-        for where in ("single", "cross_replica", "replica"):
+        for where in CONTRACT_WHERE:
             scope = (
                 tf.distribute.get_strategy().scope
                 if where == "single"
@@ -452,14 +468,23 @@ def check_keras_contract(replicas=2):
                 )
             vs = variables(scope)
             vs[1].constraint = keras.constraints.NonNeg()
-            with scope():
-                optimizer.build(vs)
-            replica_step = _replica_step(strategy, optimizer, vs)
+            if where != "replica_lazy":
+                with scope():
+                    optimizer.build(vs)
+            replica_step = _replica_step(strategy, optimizer, vs, replicas)
             for g in grads:
                 tensors = [tf.constant(x) for x in g]
                 if where == "replica":
-                    # Each replica's share: the sum over replicas is g.
-                    replica_step([t / replicas for t in tensors])
+                    replica_step(tensors, share=True)
+                elif where == "replica_captured":
+                    # The same tensors on every replica: the global gradient.
+                    replica_step(tensors, share=False)
+                elif where == "replica_lazy":
+                    # Eager: the first call builds the optimizer.
+                    strategy.run(
+                        _apply_share,
+                        args=(optimizer, vs, tensors, replicas),
+                    )
                 else:
                     with scope():
                         optimizer.apply(tensors, vs)
@@ -487,19 +512,144 @@ def check_keras_contract(replicas=2):
                 max_abs_difference=max_difference(
                     weights["single"], weights[where]
                 ),
+                variable_kinds=sorted(
+                    type(getattr(v, "value", v)).__name__
+                    for v in optimizer.variables
+                ),
             )
+    _keras_captured_and_lazy(strategy, grads, replicas)
+    _traced_lazy_build(strategy)
+    _mixed_gradients(strategy)
     _adaptive_on_replicas(strategy, replicas)
 
 
-def _replica_step(strategy, optimizer, variables):
+def _replica_step(strategy, optimizer, variables, replicas):
     """One traced step (not one per call) applying `grads` in every
-    replica."""
+    replica: each replica's own share of them (`share`), or the same
+    tensors on every replica."""
 
     @tf.function
-    def step(grads):
-        strategy.run(lambda g: optimizer.apply(g, variables), args=(grads,))
+    def step(grads, share):
+        def on_replica(grads):
+            if share:
+                # Each replica's own tensors: the sum over replicas is g.
+                grads = [g / replicas for g in grads]
+            optimizer.apply(grads, variables)
+
+        strategy.run(on_replica, args=(grads,))
 
     return step
+
+
+def _apply_share(optimizer, variables, grads, replicas):
+    """Applies this replica's own share of `grads` (summing to `grads`)."""
+    optimizer.apply([g / replicas for g in grads], variables)
+
+
+def _captured_step(strategy, optimizer, variable, grad):
+    """A traced step in which every replica applies `grad`, an eager tensor
+    it captures (Keras fails on a function argument handed to every
+    replica: "destinations can not be empty")."""
+
+    @tf.function
+    def step():
+        strategy.run(lambda: optimizer.apply([grad], [variable]))
+
+    return step
+
+
+def _keras_captured_and_lazy(strategy, grads, replicas):
+    """Keras's SGD on the same gradients: one device, captured by every
+    replica of a traced `strategy.run` (built beforehand) and applied by an
+    eager `strategy.run` that builds it: the weights each reaches."""
+    weights = {}
+    for where in ("single", "replica_captured", "replica_lazy"):
+        scope = (
+            tf.distribute.get_strategy().scope
+            if where == "single"
+            else strategy.scope
+        )
+        with scope():
+            optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+            variable = keras.Variable(np.zeros(2, "float32"))
+            if where != "replica_lazy":
+                optimizer.build([variable])
+
+        for g in grads:
+            grad = tf.constant(g[1])
+            if where == "single":
+                optimizer.apply([grad], [variable])
+            elif where == "replica_captured":
+                _captured_step(strategy, optimizer, variable, grad)()
+            else:
+                strategy.run(
+                    _apply_share, args=(optimizer, [variable], [grad], replicas)
+                )
+        weights[where] = np.asarray(variable.numpy())
+        report(
+            check="keras_contract_keras",
+            where=where,
+            max_abs_difference=max_difference(
+                [weights["single"]], [weights[where]]
+            ),
+        )
+
+
+def _mixed_gradients(strategy):
+    """One gradient captured by every replica, one each replica's own: the
+    error `apply` raises (neither counting is right for both)."""
+    with strategy.scope():
+        optimizer = kg.SGD(0.1, jit_compile=False)
+        first = keras.Variable(np.zeros(2, "float32"))
+        second = keras.Variable(np.zeros(2, "float32"))
+        optimizer.build([first, second])
+    shared = tf.constant([1.0, 2.0])
+
+    @tf.function
+    def step():
+        def on_replica():
+            own = tf.ones([2]) * tf.cast(
+                tf.distribute.get_replica_context().replica_id_in_sync_group,
+                "float32",
+            )
+            optimizer.apply([shared, own], [first, second])
+
+        strategy.run(on_replica)
+
+    result = dict(check="mixed_gradients")
+    try:
+        step()
+    except ValueError as error:
+        result["error"] = str(error)
+    result["iterations"] = int(optimizer.iterations.numpy())
+    report(**result)
+
+
+def _traced_lazy_build(strategy):
+    """Ours, unbuilt, first applied inside a traced `strategy.run`: the
+    error it raises."""
+    with strategy.scope():
+        optimizer = kg.SGD(0.1, jit_compile=False)
+        variable = keras.Variable(np.zeros(2, "float32"))
+
+    @tf.function
+    def step():
+        def on_replica():
+            context = tf.distribute.get_replica_context()
+            grad = tf.fill(
+                [2], tf.cast(context.replica_id_in_sync_group, "float32")
+            )
+            optimizer.apply([grad], [variable])
+
+        strategy.run(on_replica)
+
+    result = dict(check="traced_lazy_build")
+    try:
+        step()
+    except ValueError as error:
+        result["error"] = str(error)
+    result["built"] = bool(optimizer.built)
+    report(**result)
 
 
 def _adaptive_on_replicas(strategy, replicas):
