@@ -9,7 +9,9 @@ _check_supported()
 
 from keras_gradtools import distribute  # noqa: E402
 from keras_gradtools.callbacks import AdaptiveAccumulation  # noqa: E402
+from keras_gradtools.callbacks import BatchSizeSchedule  # noqa: E402
 from keras_gradtools.callbacks import GradientVarianceMonitor  # noqa: E402
+from keras_gradtools.callbacks import Seesaw  # noqa: E402
 from keras_gradtools.optimizers import SGD  # noqa: E402
 from keras_gradtools.optimizers import Adam  # noqa: E402
 from keras_gradtools.optimizers import AdamW  # noqa: E402
@@ -22,10 +24,12 @@ __all__ = [
     "AdaptiveAccumulation",
     "Adam",
     "AdamW",
+    "BatchSizeSchedule",
     "GradientPipelineOptimizer",
     "GradientPipelineWrapper",
     "GradientVarianceMonitor",
     "SGD",
+    "Seesaw",
     "__version__",
     "distribute",
     "plot_gradient_statistics",

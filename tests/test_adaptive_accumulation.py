@@ -185,3 +185,26 @@ def test_tensorboard_carries_k_next_to_the_monitor(tmp_path):
         assert values == history.history[name]
     assert "grad_noise_scale" in tags
     assert math.isfinite(history.history["grad_noise_scale"][-1])
+
+
+def test_adaptive_accumulation_moves_beta_2_and_weight_decay_too():
+    """The transfer rule shared with the schedules: with K0 = 1 and the
+    sqrt rule, at K the learning rate and the weight decay are multiplied
+    by sqrt(K) (B / (lr wd) constant) and "macro" Adam decays v by
+    beta_2**K per update."""
+    x, y, _ = linear_regression(1024, seed=3)
+    optimizer = kg.AdamW(
+        0.0, weight_decay=0.1, max_accumulation_steps=16, second_moment="macro"
+    )
+    model = frozen_linear_model(optimizer)
+    adaptive = kg.AdaptiveAccumulation(16, update_freq=32)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[adaptive])
+    k = optimizer.accumulation_steps
+    assert k >= 2
+    assert optimizer.learning_rate_factor == pytest.approx(math.sqrt(k))
+    assert optimizer.weight_decay_factor == pytest.approx(math.sqrt(k))
+    assert optimizer.effective_beta_2 == pytest.approx(0.999**k)
+    assert optimizer.hyperparameter_transfer == {
+        "beta_1": False,
+        "beta_2": True,
+    }

@@ -1,7 +1,10 @@
-"""Callbacks: the gradient-variance monitor, its probe and advice."""
+"""Callbacks: the gradient-variance monitor, its probe and advice, and the
+batch-size policies (noise-scale control, schedules, Seesaw)."""
 
 from keras_gradtools.callbacks.adaptive_accumulation import AdaptiveAccumulation
 from keras_gradtools.callbacks.advice import BatchSizeAdvice
+from keras_gradtools.callbacks.batch_size_schedule import BatchSizeSchedule
+from keras_gradtools.callbacks.batch_size_schedule import Seesaw
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     GradientVarianceMonitor,
 )
@@ -10,6 +13,8 @@ from keras_gradtools.callbacks.probe import GradientProbe
 __all__ = [
     "AdaptiveAccumulation",
     "BatchSizeAdvice",
+    "BatchSizeSchedule",
     "GradientProbe",
     "GradientVarianceMonitor",
+    "Seesaw",
 ]

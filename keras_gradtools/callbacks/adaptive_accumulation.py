@@ -18,13 +18,21 @@ import keras
 import numpy as np
 
 from keras_gradtools.callbacks import backend_hooks
+from keras_gradtools.callbacks import transfer as transfer_lib
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     _pipeline_optimizer,
 )
 from keras_gradtools.callbacks.summary_writer import SummaryWriter
+from keras_gradtools.callbacks.transfer import LEARNING_RATE_RULES
+from keras_gradtools.callbacks.transfer import learning_rate_factor
 from keras_gradtools.optimizers import validation
 
-LEARNING_RATE_RULES = ("sqrt", "linear", "adascale", None)
+__all__ = [
+    "LEARNING_RATE_RULES",
+    "AdaptiveAccumulation",
+    "learning_rate_factor",
+    "target_steps",
+]
 
 
 def target_steps(
@@ -59,35 +67,6 @@ def target_steps(
     return int(min(max(candidate, min_steps), max_steps))
 
 
-def learning_rate_factor(rule, steps, base_steps, variance, mean_norm_sq):
-    """The factor on the learning rate at K micro-batches, relative to the
-    K it was tuned for (`base_steps`).
-
-    - `"linear"`: K / K0 (Goyal et al., 2017).
-    - `"sqrt"`: sqrt(K / K0) (Krizhevsky, 2014; Hoffer et al., 2017).
-    - `"adascale"`: the gain ratio of Johnson et al. (2020),
-      r = (tr Σ / K0 + |E g|²) / (tr Σ / K + |E g|²), with tr Σ the variance of
-      one micro-batch gradient: 1 while noise is negligible, K / K0 when it
-      dominates.
-    - `None`: 1.
-    """
-    scale = steps / base_steps
-    if rule is None:
-        return 1.0
-    if rule == "linear":
-        return scale
-    if rule == "sqrt":
-        return math.sqrt(scale)
-    signal = max(mean_norm_sq, 0.0)
-    if not (math.isfinite(variance) and math.isfinite(signal)):
-        return 1.0
-    numerator = variance / base_steps + signal
-    denominator = variance / steps + signal
-    if denominator <= 0:
-        return 1.0
-    return float(min(max(numerator / denominator, 1.0), scale))
-
-
 class AdaptiveAccumulation(keras.callbacks.Callback):
     """Sets `accumulation_steps` so that the effective batch follows the
     gradient noise scale.
@@ -102,6 +81,12 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
     The learning rate is multiplied by a factor that follows the effective
     batch (`learning_rate_rule`); learning-rate schedules keep advancing one
     step per update, whatever K, and the factor multiplies their value.
+    Adam's moment decay and the weight decay follow K by the transfer rule
+    shared with `BatchSizeSchedule` and `Seesaw` (`transfer_beta_2`,
+    `transfer_beta_1`, `transfer_weight_decay`; see `BatchSizeSchedule`).
+    The gradient noise scale is a noisy proxy for the critical batch size
+    (Merrill et al., 2025); `upward_only=True` lets K only grow, as a
+    batch-size warmup does.
 
     `accumulation_steps` and `learning_rate_factor` are optimizer state:
     saved with the model, restored by `BackupAndRestore`, identical on every
@@ -122,6 +107,15 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
             was created with.
         hysteresis: Float > 1, defaults to 2: K changes only when
             B_simple / M is off from it by more than this factor.
+        upward_only: Bool, defaults to `False`: K never decreases.
+        transfer_beta_2: Bool, defaults to `True`: Adam's second moment
+            keeps its half-life in samples (Marek et al., 2025; "micro"
+            does so already).
+        transfer_beta_1: Bool, defaults to `False`: the same for the first
+            moment.
+        transfer_weight_decay: Bool, defaults to `True`: the weight decay
+            keeps B / (lr * weight_decay) constant (Bergsma et al., 2025);
+            Adam and AdamW only.
         update_freq: `"epoch"` (default) or an int N: adapt every N batches.
         log_dir: Optional directory for TensorBoard.
         verbose: 0 or 1 (print each change).
@@ -144,15 +138,24 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
         update_freq: Literal["epoch"] | int = "epoch",
         log_dir: str | os.PathLike | None = None,
         verbose: int = 0,
+        upward_only: bool = False,
+        transfer_beta_2: bool = True,
+        transfer_beta_1: bool = False,
+        transfer_weight_decay: bool = True,
     ) -> None:
         super().__init__()
         self.max_steps = validation.check_int("max_steps", max_steps, 2)
         self.min_steps = validation.check_int(
             "min_steps", min_steps, 2, self.max_steps
         )
-        self.learning_rate_rule = validation.check_choice(
-            "learning_rate_rule", learning_rate_rule, LEARNING_RATE_RULES
+        self.transfer = transfer_lib.HyperparameterTransfer(
+            learning_rate_rule,
+            beta_2=transfer_beta_2,
+            beta_1=transfer_beta_1,
+            weight_decay=transfer_weight_decay,
         )
+        self.learning_rate_rule = self.transfer.learning_rate_rule
+        self.upward_only = bool(upward_only)
         self.hysteresis = validation.check_float(
             "hysteresis", hysteresis, minimum=1.0, open_min=True
         )
@@ -179,14 +182,10 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
                 f"with max_accumulation_steps={self.max_steps} (the sums "
                 "must exist from the start)."
             )
-        if self.learning_rate_rule is not None and hasattr(
-            optimizer, "inner_optimizer"
-        ):
-            raise ValueError(
-                "A wrapped optimizer keeps its own learning rate: use "
-                "AdaptiveAccumulation(learning_rate_rule=None) with wrap(...)."
-            )
+        self.transfer.check(optimizer, "AdaptiveAccumulation")
+        transfer_lib.ensure_built(self.model, optimizer)
         self._optimizer = optimizer
+        self.transfer.switch_on(optimizer)
         if not optimizer.track_gradient_statistics:
             optimizer.enable_gradient_statistics()
             self.model.make_train_function(force=True)
@@ -195,7 +194,11 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
         # K (a run resumed with an adapted K keeps the same base).
         self._base_steps = optimizer._initial_accumulation_steps
         if optimizer.accumulation_steps < self.min_steps:
-            optimizer.accumulation_steps = self.min_steps
+            if optimizer.built:
+                # K and what follows it, by the transfer rule.
+                self.transfer.apply(optimizer, self.min_steps)
+            else:
+                optimizer.accumulation_steps = self.min_steps
         self._batches = 0
         self._warned_at_max = False
         self._writer = None
@@ -253,24 +256,18 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
             )
         else:
             steps = current
-        factor = learning_rate_factor(
-            self.learning_rate_rule,
-            steps,
-            self._base_steps,
-            variance,
-            mean_norm_sq,
+        if self.upward_only:
+            steps = max(steps, current)
+        if steps != current and self.verbose:
+            print(
+                f"AdaptiveAccumulation: accumulation_steps {current} -> "
+                f"{steps} (B_simple ~ {noise_scale * micro_batch:.0f} "
+                f"samples, micro-batch {micro_batch})"
+            )
+        self.transfer.switch_on(optimizer)  # if built only in fit's step
+        self.transfer.apply(
+            optimizer, steps, variance=variance, mean_norm_sq=mean_norm_sq
         )
-        if steps != current:
-            optimizer.accumulation_steps = steps
-            if self.verbose:
-                print(
-                    f"AdaptiveAccumulation: accumulation_steps {current} -> "
-                    f"{steps} (B_simple ~ {noise_scale * micro_batch:.0f} "
-                    f"samples, micro-batch {micro_batch}); learning rate x "
-                    f"{factor:.3g}"
-                )
-        if self.learning_rate_rule is not None:
-            optimizer.learning_rate_factor = factor
         values = self._state()
         updates = int(keras.ops.convert_to_numpy(optimizer.iterations))
         self.history.append(

@@ -1,5 +1,6 @@
 """Adam, with the second moment formed from micro-batch statistics."""
 
+import math
 from typing import Any
 
 from keras import ops
@@ -12,6 +13,9 @@ from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
 from keras_gradtools.registration import register
 from keras_gradtools.types import LearningRate
 from keras_gradtools.types import SecondMoment
+
+# The moments whose decay may follow K (`set_hyperparameter_transfer`).
+TRANSFER_SWITCHES = ("beta_1", "beta_2")
 
 
 @register
@@ -32,6 +36,17 @@ class Adam(GradientPipelineOptimizer):
                                                       bias: 1 - beta_2**(K*t)
     w = w - lr * m_hat / (sqrt(v_hat) + epsilon)
     ```
+
+    When K changes during training (`BatchSizeSchedule`, `Seesaw`,
+    `AdaptiveAccumulation`), the moments' decay may follow it, as optimizer
+    state (`set_hyperparameter_transfer`): with the switch for `beta_2` on,
+    "macro" decays v by `beta_2**(K / K0)` per update (K0: the
+    `accumulation_steps` the optimizer was created with), keeping the
+    second moment's half-life fixed in samples (Marek et al., 2025);
+    "micro" does so already (`beta_2**K`). The switch for `beta_1` does the
+    same for m. Bias corrections then use `beta**(micro-batches / K0)`.
+    With `max_accumulation_steps > 1` the optimizer also keeps a
+    `weight_decay_factor` (1 unless a policy moves it with K).
 
     "micro" keeps the second moment on the scale of a single micro-batch's
     squared gradient, as unaccumulated Adam at the micro-batch size would
@@ -82,6 +97,9 @@ class Adam(GradientPipelineOptimizer):
         self.epsilon = epsilon
         self.amsgrad = bool(amsgrad)
         self.second_moment = second_moment
+        # Set by `build` when K may change (max_accumulation_steps > 1).
+        object.__setattr__(self, "_transfer_switches", None)
+        object.__setattr__(self, "_weight_decay_factor", None)
 
     @property
     def _reads_micro_variance(self):
@@ -90,7 +108,126 @@ class Adam(GradientPipelineOptimizer):
     def _layout_settings(self):
         settings = super()._layout_settings()
         settings.update(second_moment=self.second_moment, amsgrad=self.amsgrad)
+        if self.built and self._transfer_switches is not None:
+            # Absent from files written before the switches existed (and
+            # from unbuilt state, which holds none): they load with the
+            # switches off (`_variables_in`).
+            settings["hyperparameter_transfer"] = True
         return settings
+
+    # ------------------------------------------------------------------
+    # Hyperparameters that follow K (state: saved, restored, the same on
+    # every replica, read by the compiled update).
+
+    @property
+    def hyperparameter_transfer(self) -> dict[str, bool]:
+        """Which of `beta_1` and `beta_2` follow K: `{"beta_1": bool,
+        "beta_2": bool}` (all `False` until set, or when
+        `max_accumulation_steps` is 1)."""
+        switches = self._transfer_switches
+        return {
+            name: bool(
+                switches is not None
+                and float(ops.convert_to_numpy(switches[name])) > 0
+            )
+            for name in TRANSFER_SWITCHES
+        }
+
+    def set_hyperparameter_transfer(
+        self, beta_1: bool | None = None, beta_2: bool | None = None
+    ) -> None:
+        """Switches the moments' decay following K on or off.
+
+        With a switch on, the moment decays by `beta**(K / K0)` per update
+        of K micro-batches (K0: the `accumulation_steps` the optimizer was
+        created with): a half-life fixed in samples, not in updates
+        (Marek et al., 2025, for `beta_2`). Switch them on before K moves
+        from K0 (the policies do so at the start of `fit`): the bias
+        correction counts micro-batches from the start.
+
+        Args:
+            beta_1: Bool, or `None` to leave it as it is.
+            beta_2: Bool, or `None` to leave it as it is. Only "macro"
+                reads it: "micro" already decays v per micro-batch.
+
+        Raises:
+            ValueError: if the optimizer is not built or was created with
+                `max_accumulation_steps=1` (K cannot change).
+        """
+        self._require_transfer_state("set_hyperparameter_transfer()")
+        for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if value is not None:
+                self._transfer_switches[name].assign(float(bool(value)))
+
+    @property
+    def weight_decay_factor(self) -> float:
+        """What the update multiplies `weight_decay` by: 1 unless a policy
+        moves it with K (keeping AdamW's timescale B / (lr * weight_decay)
+        constant, Bergsma et al., 2025). Settable during training when
+        `max_accumulation_steps > 1`."""
+        if self._weight_decay_factor is None:
+            return 1.0
+        return float(ops.convert_to_numpy(self._weight_decay_factor))
+
+    @weight_decay_factor.setter
+    def weight_decay_factor(self, factor: float) -> None:
+        factor = validation.check_float(
+            "weight_decay_factor", factor, minimum=0.0
+        )
+        self._require_transfer_state("weight_decay_factor")
+        self._weight_decay_factor.assign(factor)
+
+    @property
+    def effective_beta_1(self) -> float:
+        """The first moment's decay per update at the current K."""
+        return self._effective_beta(self.beta_1, "beta_1")
+
+    @property
+    def effective_beta_2(self) -> float:
+        """The second moment's decay per update at the current K:
+        `beta_2**K` for "micro", `beta_2**(K / K0)` for "macro" with the
+        switch on, else `beta_2`."""
+        if self._reads_micro_variance:
+            return self.beta_2**self.accumulation_steps
+        return self._effective_beta(self.beta_2, "beta_2")
+
+    @property
+    def effective_weight_decay(self) -> float:
+        """`weight_decay * weight_decay_factor` (0 without weight decay)."""
+        return float(self.weight_decay or 0.0) * self.weight_decay_factor
+
+    def _effective_beta(self, beta, name):
+        if not self.hyperparameter_transfer[name]:
+            return float(beta)
+        ratio = self.accumulation_steps / self._initial_accumulation_steps
+        return float(beta) ** ratio
+
+    def _require_transfer_state(self, what):
+        self._require_built(what)
+        if self._transfer_switches is None:
+            raise ValueError(
+                f"`{what}` needs an optimizer created with "
+                "max_accumulation_steps > 1 (K cannot change otherwise)."
+            )
+
+    def _decay_terms(self, beta, name, steps, dtype):
+        """`(1 - beta_eff, bias_steps)` of one moment: `1 - beta` and
+        `steps` with the switch off; with it on, `1 - beta**(K / K0)`
+        (as `-expm1`, exact to float32 rounding) and micro-batches / K0."""
+        switches = self._transfer_switches
+        if switches is None:
+            return 1 - beta, steps
+        one_minus = ops.cast(1 - beta, dtype)
+        accumulator = self._accumulator
+        base = float(self._initial_accumulation_steps)
+        ratio = ops.divide(
+            ops.cast(accumulator.current_cycle_steps(), dtype), base
+        )
+        log_beta = math.log(beta) if beta > 0 else -math.inf
+        on = ops.greater(ops.convert_to_tensor(switches[name]), 0)
+        moved = ops.negative(ops.expm1(ops.multiply(ratio, log_beta)))
+        samples = ops.divide(ops.cast(accumulator.micro_steps + 1, dtype), base)
+        return ops.where(on, moved, one_minus), ops.where(on, samples, steps)
 
     def build(self, variables):
         if self.built:
@@ -102,6 +239,24 @@ class Adam(GradientPipelineOptimizer):
         if self.amsgrad:
             self._velocity_hats = self.add_optimizer_variables(
                 variables, "velocity_hat"
+            )
+        if self.max_accumulation_steps > 1:
+            object.__setattr__(
+                self,
+                "_transfer_switches",
+                {
+                    name: self._add_state(f"{name}_transfer")
+                    for name in TRANSFER_SWITCHES
+                },
+            )
+            object.__setattr__(
+                self,
+                "_weight_decay_factor",
+                self._add_state(
+                    "weight_decay_factor",
+                    role="weight_decay_transfer",
+                    initial=1.0,
+                ),
             )
 
     def update_step(
@@ -115,6 +270,7 @@ class Adam(GradientPipelineOptimizer):
         dtype = m.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
+        local_step = ops.cast(self.iterations + 1, dtype)
         if self._reads_micro_variance:
             # The cycle's K micro-batches advance v by K steps; over all
             # updates so far, by every micro-batch seen (K may change).
@@ -122,15 +278,21 @@ class Adam(GradientPipelineOptimizer):
                 ops.cast(self.beta_2, dtype),
                 ops.cast(self._accumulator.current_cycle_steps(), dtype),
             )
+            one_minus_beta_2 = 1 - beta_2
             second_moment_steps = ops.cast(
                 self._accumulator.micro_steps + 1, dtype
             )
         else:
             # A Python float, as in Keras: `1 - beta_2` then rounds once.
-            beta_2 = self.beta_2
-            second_moment_steps = ops.cast(self.iterations + 1, dtype)
-        local_step = ops.cast(self.iterations + 1, dtype)
-        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
+            one_minus_beta_2, second_moment_steps = self._decay_terms(
+                self.beta_2, "beta_2", local_step, dtype
+            )
+        one_minus_beta_1, first_moment_steps = self._decay_terms(
+            self.beta_1, "beta_1", local_step, dtype
+        )
+        beta_1_power = ops.power(
+            ops.cast(self.beta_1, dtype), first_moment_steps
+        )
         beta_2_power = ops.power(
             ops.cast(self.beta_2, dtype), second_moment_steps
         )
@@ -146,9 +308,11 @@ class Adam(GradientPipelineOptimizer):
         # back. Computing the step from the new values as tensors instead
         # makes XLA copy both moments first (measured 2x slower).
         self.assign_add(
-            m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1)
+            m, ops.multiply(ops.subtract(gradient, m), one_minus_beta_1)
         )
-        self.assign_add(v, ops.multiply(ops.subtract(second, v), 1 - beta_2))
+        self.assign_add(
+            v, ops.multiply(ops.subtract(second, v), one_minus_beta_2)
+        )
         if self.amsgrad:
             v_hat = self._velocity_hats[index]
             self.assign(v_hat, ops.maximum(v_hat, v))

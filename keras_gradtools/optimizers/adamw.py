@@ -16,7 +16,10 @@ class AdamW(Adam):
     Adam whose weight decay is decoupled from the gradient: once per update,
     before the Adam step, `w = w - learning_rate * weight_decay * w`. With
     `accumulation_steps=1` and no noise this is exactly
-    `keras.optimizers.AdamW`.
+    `keras.optimizers.AdamW`. When a batch-size policy changes K, the
+    decay is multiplied by `weight_decay_factor` (state, 1 until then), so
+    that AdamW's timescale B / (learning_rate * weight_decay) stays
+    constant (Bergsma et al., 2025; `BatchSizeSchedule`).
 
     Args:
         learning_rate: A float, a `LearningRateSchedule` (evaluated on

@@ -20,12 +20,17 @@ FORMAT = 2
 # The order of the pipeline's variables after Keras's own and the update
 # rule's (which keep their creation order): the same whenever a part was
 # created, so that state saved by one optimizer loads into another built
-# like it (statistics may be switched on after `build`).
+# like it (statistics may be switched on after `build`). The `*_transfer`
+# switches (Adam, AdamW: `callbacks/transfer.py`) are absent from files
+# written before they existed; such files load with them off.
 ROLE_ORDER = (
     "micro_steps",
     "skipped_micro_batches",
     "accumulation_steps",
     "learning_rate_factor",
+    "beta_1_transfer",
+    "beta_2_transfer",
+    "weight_decay_transfer",
     "cycle_steps",
     "cycle_position",
     "cycle_micro_batches",
