@@ -265,3 +265,16 @@ def test_finite_micro_batches_whose_sum_overflows_are_left_out(jit_compile):
     for _ in range(2):
         optimizer.apply([np.array([3.0, 4.0], "float32")], [variable])
     np.testing.assert_allclose(variable.numpy(), [0.4, 0.2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_cycle_with_only_overwritten_variables(jit_compile):
+    """Every gradient of the call belongs to a variable Keras overwrites
+    with its gradient (float8 scales): the cycle's maximum is written, as
+    Keras's own accumulation does, and nothing else is updated."""
+    variable = keras.Variable(np.zeros((2,), "float32"))
+    variable.overwrite_with_gradient = True
+    optimizer = kg.SGD(1.0, accumulation_steps=2, jit_compile=jit_compile)
+    for g in ([2.0, 1.0], [1.0, 3.0]):
+        optimizer.apply([np.array(g, "float32")], [variable])
+    np.testing.assert_array_equal(variable.numpy(), [2.0, 3.0])

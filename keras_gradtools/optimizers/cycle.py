@@ -211,6 +211,11 @@ class CycleDriver:
             mean_squares = self._checked_mean_squares(
                 mean_squares, means, valid
             )
+        for i in optimizer._overwritten_indices:
+            optimizer._trainable_variable(i).assign(accumulator.maxima(i))
+        if not indices:
+            accumulator.finish()
+            return
         gate = None
         if optimizer.on_nonfinite == "skip":
             # Finite micro-batches can still sum beyond float32's range
@@ -222,11 +227,6 @@ class CycleDriver:
                     sums_finite, counted=ops.greater(count, 0)
                 )
             gate = ops.logical_and(ops.greater(count, 0), sums_finite)
-        for i in optimizer._overwritten_indices:
-            optimizer._trainable_variable(i).assign(accumulator.maxima(i))
-        if not indices:
-            accumulator.finish()
-            return
         self.update(
             means,
             indices,
