@@ -21,6 +21,8 @@ by the compiled update: saved, restored, the same on every replica.
 """
 
 import math
+from typing import Any
+from typing import Literal
 
 import keras
 
@@ -29,7 +31,13 @@ from keras_gradtools.optimizers import validation
 LEARNING_RATE_RULES = ("sqrt", "linear", "adascale", None)
 
 
-def learning_rate_factor(rule, steps, base_steps, variance, mean_norm_sq):
+def learning_rate_factor(
+    rule: str | None,
+    steps: int,
+    base_steps: int,
+    variance: float,
+    mean_norm_sq: float,
+) -> float:
     """The factor on the learning rate at K micro-batches, relative to the
     K it was tuned for (`base_steps`).
 
@@ -50,6 +58,11 @@ def learning_rate_factor(rule, steps, base_steps, variance, mean_norm_sq):
 
     Returns:
         The factor, a float.
+
+    Example:
+
+    >>> learning_rate_factor("sqrt", 8, 2, float("nan"), float("nan"))
+    2.0
     """
     scale = steps / base_steps
     if rule is None:
@@ -68,18 +81,30 @@ def learning_rate_factor(rule, steps, base_steps, variance, mean_norm_sq):
     return float(min(max(numerator / denominator, 1.0), scale))
 
 
-def weight_decay_factor(steps, base_steps, rate_factor):
+def weight_decay_factor(
+    steps: int, base_steps: int, rate_factor: float
+) -> float:
     """The factor on the weight decay that keeps AdamW's timescale
     tau = B / (lr * lambda) constant when the batch moves by K / K0 and the
     learning rate by `rate_factor` (Bergsma et al., 2025).
 
+    Args:
+        steps: K.
+        base_steps: K0.
+        rate_factor: The learning-rate factor of the rule at K.
+
     Returns:
         (K / K0) / rate_factor.
+
+    Example:
+
+    >>> weight_decay_factor(8, 2, 2.0)  # sqrt rule: lr x 2, batch x 4
+    2.0
     """
     return (steps / base_steps) / rate_factor
 
 
-def ensure_built(model, optimizer):
+def ensure_built(model: keras.Model, optimizer: Any) -> None:
     """Builds `optimizer` for `model` if Keras has not yet (TensorFlow
     without a strategy builds it in the first step): K0, the switches and
     state restored by `BackupAndRestore` are then in place before the first
@@ -99,15 +124,21 @@ class HyperparameterTransfer:
         beta_1: Bool: the same for the first moment.
         weight_decay: Bool: the weight decay keeps B / (lr * lambda)
             constant (Bergsma et al., 2025).
+
+    Example:
+
+    >>> rule = HyperparameterTransfer("sqrt")
+    >>> rule.apply(optimizer, 8)  # K = 8: lr x sqrt(8 / K0), ...
     """
 
     def __init__(
         self,
-        learning_rate_rule="sqrt",
-        beta_2=True,
-        beta_1=False,
-        weight_decay=True,
-    ):
+        learning_rate_rule: Literal["sqrt", "linear", "adascale"]
+        | None = "sqrt",
+        beta_2: bool = True,
+        beta_1: bool = False,
+        weight_decay: bool = True,
+    ) -> None:
         self.learning_rate_rule = validation.check_choice(
             "learning_rate_rule", learning_rate_rule, LEARNING_RATE_RULES
         )
@@ -115,7 +146,7 @@ class HyperparameterTransfer:
         self.beta_1 = bool(beta_1)
         self.weight_decay = bool(weight_decay)
 
-    def check(self, optimizer, who):
+    def check(self, optimizer: Any, who: str) -> None:
         """Raises a `ValueError` for what `optimizer` cannot move."""
         if self.learning_rate_rule is not None and hasattr(
             optimizer, "inner_optimizer"
@@ -139,7 +170,7 @@ class HyperparameterTransfer:
                 f"{type(optimizer).__name__}."
             )
 
-    def switch_on(self, optimizer):
+    def switch_on(self, optimizer: Any) -> None:
         """Sets the optimizer's switches (state) at the start of `fit`."""
         if (
             hasattr(optimizer, "set_hyperparameter_transfer")
@@ -152,12 +183,12 @@ class HyperparameterTransfer:
 
     def apply(
         self,
-        optimizer,
-        steps,
-        schedule_factor=1.0,
-        variance=float("nan"),
-        mean_norm_sq=float("nan"),
-    ):
+        optimizer: Any,
+        steps: int,
+        schedule_factor: float = 1.0,
+        variance: float = float("nan"),
+        mean_norm_sq: float = float("nan"),
+    ) -> float:
         """Sets K and what follows it.
 
         Args:

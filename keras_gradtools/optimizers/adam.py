@@ -100,6 +100,7 @@ class Adam(GradientPipelineOptimizer):
         # Set by `build` when K may change (max_accumulation_steps > 1).
         object.__setattr__(self, "_transfer_switches", None)
         object.__setattr__(self, "_weight_decay_factor", None)
+        object.__setattr__(self, "_loading_unbuilt_state", False)
 
     @property
     def _reads_micro_variance(self):
@@ -108,12 +109,25 @@ class Adam(GradientPipelineOptimizer):
     def _layout_settings(self):
         settings = super()._layout_settings()
         settings.update(second_moment=self.second_moment, amsgrad=self.amsgrad)
-        if self.built and self._transfer_switches is not None:
+        if (
+            self.built
+            and self._transfer_switches is not None
+            and not getattr(self, "_loading_unbuilt_state", False)
+        ):
             # Absent from files written before the switches existed (and
             # from unbuilt state, which holds none): they load with the
             # switches off (`_variables_in`).
             settings["hyperparameter_transfer"] = True
         return settings
+
+    def _load_unbuilt_state(self, saved, arrays):
+        # State saved before `build` holds Keras's variables only, and no
+        # switches, also when it loads into a built optimizer.
+        object.__setattr__(self, "_loading_unbuilt_state", True)
+        try:
+            super()._load_unbuilt_state(saved, arrays)
+        finally:
+            object.__setattr__(self, "_loading_unbuilt_state", False)
 
     # ------------------------------------------------------------------
     # Hyperparameters that follow K (state: saved, restored, the same on
