@@ -381,6 +381,9 @@ def test_policies_refuse_what_they_cannot_do():
             x, y, verbose=0,
             callbacks=[kg.BatchSizeSchedule([(0, 1), (8, 8)])],
         )  # fmt: skip
+    model = frozen_linear_model(kg.SGD(0.1))
+    with pytest.raises(ValueError, match="max_accumulation_steps > 1"):
+        model.fit(x, y, verbose=0, callbacks=[kg.BatchSizeSchedule([(0, 1)])])
     model = frozen_linear_model(
         kg.SGD(0.1, weight_decay=0.1, max_accumulation_steps=4)
     )

@@ -154,13 +154,18 @@ class BatchSizeSchedule(keras.callbacks.Callback):
             )
         largest = self._largest_steps()
         limit = optimizer.max_accumulation_steps
-        if limit < 2 or (largest is not None and largest > limit):
+        if limit < 2:
+            raise ValueError(
+                f"{name} needs an optimizer created with "
+                "max_accumulation_steps > 1 (the largest K it will "
+                "schedule): K is state only then."
+            )
+        if largest is not None and largest > limit:
             raise ValueError(
                 f"{name} schedules accumulation_steps up to {largest}, "
                 f"above the optimizer's max_accumulation_steps={limit}: "
-                "create the optimizer with max_accumulation_steps="
-                f"{max(largest or 2, 2)} (the sums must exist from the "
-                "start)."
+                f"create the optimizer with max_accumulation_steps={largest} "
+                "(the sums must exist from the start)."
             )
         self.transfer.check(optimizer, name)
         transfer_lib.ensure_built(self.model, optimizer)
