@@ -5,8 +5,8 @@ minute: scikit-learn's 8x8 digits (shipped inside scikit-learn), a small
 MLP, and three optimizers that differ only in the gradient pipeline:
 
   plain        Adam, batch 32, one update per batch
-  accumulate   Adam, micro-batch 32, accumulation_steps=8 ("micro" second
-               moment): one update per 256 samples
+  accumulate   Adam, micro-batch 32, accumulation_steps=8 (the default
+               "macro" second moment): one update per 256 samples
   acc+noise    the same plus annealed gradient noise and global-norm clipping
 
 Each run is watched by a GradientVarianceMonitor (from the optimizer's own

@@ -110,7 +110,14 @@ CLASSES = {
 OURS = ["sgd", "adam_micro", "adam_macro", "adamw"]
 ALL = list(CLASSES)
 # Classes whose K = 2 "macro" update equals Keras's own accumulation.
-MACRO = ["sgd", "adam_macro", "wrap_adam", "wrap_rmsprop", "wrap_lion"]
+MACRO = [
+    "sgd",
+    "adam_macro",
+    "adamw",
+    "wrap_adam",
+    "wrap_rmsprop",
+    "wrap_lion",
+]
 
 
 def _ours(name, **kwargs):

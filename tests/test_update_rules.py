@@ -100,11 +100,13 @@ RULES = {
         lambda **kw: kg.AdamW(
             LR_ADAM, WEIGHT_DECAY, beta_1=BETA_1, beta_2=BETA_2, **kw
         ),
+        # AdamW's default second moment, written here: "macro".
         lambda k: ref.AdamRule(
             LR_ADAM,
             BETA_1,
             BETA_2,
             weight_decay=WEIGHT_DECAY,
+            second_moment="macro",
             accumulation_steps=k,
         ),
     ),

@@ -159,3 +159,13 @@ def test_defaults_match_keras():
             if key in ("name", "gradient_accumulation_steps"):
                 continue
             assert config[key] == pytest.approx(value), key
+
+
+@pytest.mark.parametrize("cls", [kg.Adam, kg.AdamW])
+def test_second_moment_default_is_macro(cls):
+    """The default the training-outcome benchmark supports (README, "Adam's
+    second moment"; docs/outcomes.md): "micro" ties or loses at the tuned
+    learning rate and costs a slot per parameter."""
+    assert cls().second_moment == "macro"
+    assert cls().get_config()["second_moment"] == "macro"
+    assert cls(second_moment="micro").second_moment == "micro"

@@ -1,4 +1,5 @@
-"""Adam, with the second moment formed from micro-batch statistics."""
+"""Adam: large-batch ("macro") or with the second moment formed from
+micro-batch statistics ("micro")."""
 
 import math
 from typing import Any
@@ -48,10 +49,16 @@ class Adam(GradientPipelineOptimizer):
     With `max_accumulation_steps > 1` the optimizer also keeps a
     `weight_decay_factor` (1 unless a policy moves it with K).
 
-    "micro" keeps the second moment on the scale of a single micro-batch's
-    squared gradient, as unaccumulated Adam at the micro-batch size would
-    see it, at the cost of one more float32 slot per parameter (the sum of
-    squares S). "macro" equals Adam on the large batch of K micro-batches.
+    "macro" (the default) equals Adam on the large batch of K
+    micro-batches, and Keras's own `gradient_accumulation_steps`. "micro"
+    keeps the second moment on the scale of a single micro-batch's squared
+    gradient, as unaccumulated Adam at the micro-batch size would see it,
+    at the cost of one more float32 slot per parameter (the sum of squares
+    S). Measured (`benchmarks/outcomes.py`, docs/outcomes.md), "micro"
+    ties "macro" at each mode's tuned learning rate on digits and padded
+    sequences and is behind on a character-level language model, is worse
+    at the learning rate tuned for K = 1, and is more forgiving of a
+    learning rate that is too high.
 
     Args:
         learning_rate: A float, a `LearningRateSchedule` (evaluated on
@@ -61,8 +68,9 @@ class Adam(GradientPipelineOptimizer):
         epsilon: Float >= 0, defaults to 1e-7.
         amsgrad: Boolean, defaults to `False`. Use the maximum of past
             second moments (Reddi et al., 2018).
-        second_moment: `"micro"` (default) or `"macro"`, see above. Both are
-            identical when `accumulation_steps=1`.
+        second_moment: `"macro"` (default) or `"micro"`, see above. Both are
+            identical when `accumulation_steps=1`. Files saved with either
+            keep it (it is in the config).
         {{pipeline_keyword_args}}
         **kwargs: `keras.optimizers.Optimizer` arguments (`clipnorm`,
             `clipvalue`, `global_clipnorm`, `weight_decay`, `use_ema`, ...).
@@ -81,7 +89,7 @@ class Adam(GradientPipelineOptimizer):
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
         amsgrad: bool = False,
-        second_moment: SecondMoment = "micro",
+        second_moment: SecondMoment = "macro",
         name: str | None = None,
         **kwargs: Any,
     ) -> None:

@@ -44,7 +44,7 @@ class AdamW(Adam):
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
         amsgrad: bool = False,
-        second_moment: SecondMoment = "micro",
+        second_moment: SecondMoment = "macro",
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
