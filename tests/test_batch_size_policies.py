@@ -437,6 +437,7 @@ def test_tensorboard_and_history_carry_the_schedule(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.jax_only  # the benchmark's code is the same on both backends
 def test_benchmark_quick_mode(tmp_path):
     import subprocess
     import sys

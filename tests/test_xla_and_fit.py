@@ -18,9 +18,18 @@ pytestmark = pytest.mark.tensorflow_only
 _LEARNING_RATE_TEXT = tf.Variable("0.01")
 
 
-def _learning_rate_xla_cannot_compile():
-    # String ops have no XLA kernel: inside a compiled update they fail.
-    return tf.strings.to_number(_LEARNING_RATE_TEXT)
+class _ScheduleXlaCannotCompile(
+    keras.optimizers.schedules.LearningRateSchedule
+):
+    """String ops have no XLA kernel: inside a compiled update they fail.
+    (A schedule is evaluated inside the update; a plain callable is called
+    before it, as Keras calls it at every apply.)"""
+
+    def __call__(self, step):
+        return tf.strings.to_number(_LEARNING_RATE_TEXT)
+
+
+_learning_rate_xla_cannot_compile = _ScheduleXlaCannotCompile()
 
 
 def test_eager_apply_really_compiles_with_xla(rng):
