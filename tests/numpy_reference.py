@@ -1,6 +1,6 @@
 """An independent float64 NumPy reference of the gradient pipeline.
 
-Written from DESIGN.md sections 1-3 (the maths), not from the package's
+Written from docs/design.md §1-§3 (the maths), not from the package's
 code, so that the tests comparing the two can catch mistakes in either.
 Everything here is plain float64 NumPy; no Keras, no TensorFlow.
 
@@ -87,7 +87,7 @@ def noise_std(eta, gamma, t):
 
 
 def gradient_statistics(micro_grads):
-    """DESIGN.md section 3 from the K >= 2 micro-batch gradients of a cycle.
+    """docs/design.md §3 from the K >= 2 micro-batch gradients of a cycle.
 
     `micro_grads[i][j]` is micro-batch i's gradient of variable j. Returns
     the same keys as `optimizer.gradient_statistics()` except `noise_std`.
@@ -218,7 +218,7 @@ class ReferenceOptimizer:
 
     Attributes after each update: `processed` (g_tilde per variable),
     `clip_factors`, `micro_variance` (W per variable) and `statistics`
-    (DESIGN.md section 3, K >= 2, from the unclipped micro-batches unless
+    (docs/design.md §3, K >= 2, from the unclipped micro-batches unless
     `clip_micro_batches`).
     """
 

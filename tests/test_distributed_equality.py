@@ -30,7 +30,7 @@ def test_two_replicas_match_one_device(mirrored, kind, k, mode):
     # The noise is the same draw: same schedule, same seed, same counter.
     assert result["noise_std"][0] == result["noise_std"][1] > 0
     if kind == "adam_micro" and k > 1:
-        # Replicas are extra samples of the variance (DESIGN.md §5): not the
+        # Replicas are more samples of the variance (docs/design.md §5): not the
         # single-device update, checked against NumPy in the next test.
         assert result["max_abs_difference"] > 1e-3
     else:

@@ -2,7 +2,7 @@
 
 Every update rule x accumulation steps K x clipping mode is trained for
 five cycles on random shapes and compared, after every update, with the
-float64 NumPy reference written from DESIGN.md (eagerly, plus one
+float64 NumPy reference written from docs/design.md (eagerly, plus one
 XLA-compiled case per rule). The noise is checked
 statistically on a million-element variable.
 

@@ -10,7 +10,7 @@ write to an outer scope. `run_if` therefore threads the values of the
 variables the update reads and writes through the branch: the taken branch
 runs the update in a scope of its own and returns the new values, the
 skipped branch returns its inputs. With the step's buffers donated, the
-skipped branch copies nothing (DESIGN.md §5: 7.4 ms per micro-batch against
+skipped branch copies nothing (docs/design.md §5: 7.4 ms per micro-batch against
 a 4.4 ms floor at 16.8M parameters; selecting with `where`, as optax's
 `MultiSteps` and Keras's own accumulation do, costs 44.6 ms).
 

@@ -31,7 +31,7 @@ UPDATE_FREQ_VALUES = '"epoch", "batch" or an integer N >= 1'
 class GradientVarianceMonitor(keras.callbacks.Callback):
     """Measures the gradient noise during training and logs it.
 
-    The statistics (DESIGN.md §3) describe how much the gradient of one
+    The statistics (docs/design.md §3) describe how much the gradient of one
     micro-batch of M samples varies around the true gradient E g:
 
     - `grad_variance`: tr(Sigma_M), the summed per-coordinate variance of a

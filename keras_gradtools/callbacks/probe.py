@@ -13,7 +13,7 @@ class GradientProbe:
 
     The probe computes the gradient of the training loss on each of
     `batches` fixed batches at the current weights, in training mode (as
-    `fit` does), and derives the statistics of DESIGN.md §3 with the
+    `fit` does), and derives the statistics of docs/design.md §3 with the
     batches as the samples. It changes no weight, no optimizer state, no
     non-trainable variable (e.g. BatchNormalization statistics) and no
     metric: on JAX it runs statelessly, on TensorFlow everything it could

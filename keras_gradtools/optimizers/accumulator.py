@@ -1,5 +1,5 @@
 """The accumulator: the state of an accumulation cycle and the arithmetic
-on it (DESIGN.md §1).
+on it (docs/design.md §1).
 
 A cycle consumes K micro-batch gradients at fixed weights. The accumulator
 keeps, per model variable, the sum `G = sum g_i` (or, for variables that

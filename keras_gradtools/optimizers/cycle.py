@@ -1,4 +1,4 @@
-"""The cycle driver: one micro-batch through the pipeline (DESIGN.md §1).
+"""The cycle driver: one micro-batch through the pipeline (docs/design.md §1).
 
     apply(grads)                                   (optimizer.apply)
       local half    cast to float32; [clip each micro-batch]; squared norms

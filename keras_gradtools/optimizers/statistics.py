@@ -1,4 +1,4 @@
-"""Gradient statistics measured inside the update (DESIGN.md §3).
+"""Gradient statistics measured inside the update (docs/design.md §3).
 
 The statistics object owns the statistics' state: the values measured by
 the last update and bias-corrected running averages of their numerators

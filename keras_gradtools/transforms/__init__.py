@@ -1,7 +1,7 @@
 """Pure tensor functions of the gradient pipeline, written with `keras.ops`.
 
 Each function here maps tensors to tensors and owns no state, so it can be
-checked line by line against the formulas in DESIGN.md and against the
+checked line by line against the formulas in docs/design.md and against the
 float64 NumPy twins in `tests/numpy_reference.py`, on every backend.
 """
 

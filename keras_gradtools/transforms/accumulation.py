@@ -1,4 +1,4 @@
-"""Accumulation maths (DESIGN.md §1-2).
+"""Accumulation maths (docs/design.md §1-2).
 
 A cycle of micro-batch gradients g_i is kept as sums: `G = sum g_i`, and
 where read `S = sum g_i**2` (per coordinate) or `Q = sum |g_i|**2` (per

@@ -1,8 +1,8 @@
 """Gradient clipping by value, per-tensor norm and global norm.
 
 Every function returns the clipped gradients *and* the factor `c` it applied
-(DESIGN.md §1), because the "micro" second moment of Adam scales the
-within-update variance by `c**2` (DESIGN.md §2). The factor is a scalar for
+(docs/design.md §1), because the "micro" second moment of Adam scales the
+within-update variance by `c**2` (docs/design.md §2). The factor is a scalar for
 the norm modes and elementwise for clipping by value. The norm modes accept
 the tensors' squared norms when the step has already computed them.
 """

@@ -1,4 +1,4 @@
-"""Gradient-noise statistics from one accumulation cycle (DESIGN.md §3).
+"""Gradient-noise statistics from one accumulation cycle (docs/design.md §3).
 
 From `n >= 2` micro-batch gradients g_i at fixed weights, with mean
 `g_bar = sum g_i / n`:

@@ -18,7 +18,7 @@ sizes do not mix in a process.
   optimizer variable is bitwise identical on every replica, and the update
   counts, for every optimizer x K x (custom loop, fit).
 - estimator: Adam "micro" and the statistics against a float64 NumPy
-  computation from the per-replica gradients (DESIGN.md §5).
+  computation from the per-replica gradients (docs/design.md §5).
 - save_mid_cycle, restore, restore3: save in the middle of a cycle on 2
   replicas, restore onto 1, 2 and 3, finish, compare with an uninterrupted
   run.
@@ -168,7 +168,7 @@ def check_equality(replica_counts):
 
 
 def replica_estimate(cycle, replicas):
-    """DESIGN.md §5: each replica's micro-batch gradient g_rk is a sample
+    """docs/design.md §5: each replica's micro-batch gradient g_rk is a sample
     h = R * g_rk at the local batch size; variances are reported at the
     global micro-batch size, Var(h) / R."""
     samples = [
@@ -688,7 +688,7 @@ def _adaptive_on_replicas(strategy, replicas):
 
 
 def check_clip_after_sum(replicas=2):
-    """DESIGN.md §5: replica gradients [3, 0] and [0, 4], global_clipnorm=1,
+    """docs/design.md §5: replica gradients [3, 0], [0, 4], global_clipnorm=1,
     SGD with learning rate 1. Clipping the sum [3, 4] moves the weight by
     -[0.6, 0.8]; clipping each replica first (Keras) by -[1, 1]."""
     strategy = strategy_over(replicas)
