@@ -3,8 +3,15 @@
 pipeline_keyword_args = """accumulation_steps: Int >= 1, defaults to 1. The
             number of micro-batches (calls to `apply`) per update. The
             weights move only on every `accumulation_steps`-th call, by the
-            mean gradient of the cycle. `gradient_accumulation_steps` (the
-            Keras name) is accepted as an alias.
+            mean gradient of the cycle. At most 2**31 - 1.
+        gradient_accumulation_steps: Keras's name for
+            `accumulation_steps`, accepted as an alias (pass one of them).
+        max_accumulation_steps: Int in [accumulation_steps, 2**31 - 1],
+            defaults to `accumulation_steps`. The largest K the optimizer
+            will take: K is state (`optimizer.accumulation_steps`, set by
+            `BatchSizeSchedule`, `Seesaw` and `AdaptiveAccumulation`) and
+            may change during training up to it without retracing. The
+            gradient sums exist from `build` when it is above 1.
         noise_eta: Float >= 0, defaults to 0 (no noise). Variance `eta` of
             the Gaussian noise added to the mean gradient at the first
             update; update `t` (counting from 0) uses
@@ -17,6 +24,14 @@ pipeline_keyword_args = """accumulation_steps: Int >= 1, defaults to 1. The
             clipping set by `clipnorm`, `clipvalue` or `global_clipnorm` is
             applied to each micro-batch gradient before it is accumulated
             instead of to the mean gradient at update time.
+        sync_micro_batches: Boolean, defaults to `False`. Under a
+            `tf.distribute` strategy, sum each micro-batch's gradient over
+            the replicas before accumulating it (K all-reduces per update
+            instead of 1), so that Adam's "micro" second moment and the
+            gradient statistics equal one device's exactly. By default each
+            replica accumulates its own gradients, and the update reads
+            their sums across replicas once. On JAX the gradients are
+            global already and this has no effect.
         on_nonfinite: `"skip"` (default), `"raise"` or `"apply"`. With
             `"skip"`, a micro-batch whose gradient holds a NaN or an
             infinity is left out of the accumulators (and counted in
@@ -35,4 +50,6 @@ pipeline_keyword_args = """accumulation_steps: Int >= 1, defaults to 1. The
         jit_compile: Boolean, defaults to `True`. When `apply` is called
             eagerly, run the whole update as one XLA-compiled function.
             Inside a `tf.function` or `model.fit` the update is traced into
-            the caller's graph (and its XLA cluster, if it has one)."""
+            the caller's graph (and its XLA cluster, if it has one).
+        name: Optional string, the optimizer's name (Keras's automatic
+            naming when `None`: `adam`, `adam_1`, ...)."""

@@ -36,7 +36,6 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         clipnorm, clipvalue, global_clipnorm: Optional floats > 0, applied
             to the mean gradient at update time (at most one of them).
         {{pipeline_keyword_args}}
-        name: Optional name.
 
     Example:
 
@@ -218,10 +217,13 @@ def wrap(
         optimizer: A `keras.optimizers.Optimizer` instance or a name that
             `keras.optimizers.get` understands (e.g. `"lion"`).
         **kwargs: The arguments of `GradientPipelineWrapper`:
-            `accumulation_steps`, `noise_eta`, `noise_gamma`, `noise_seed`,
-            `clipnorm`, `clipvalue`, `global_clipnorm`,
-            `clip_micro_batches`, `on_nonfinite`,
-            `track_gradient_statistics`, `jit_compile`, `name`.
+            `accumulation_steps`, `max_accumulation_steps`, `noise_eta`,
+            `noise_gamma`, `noise_seed`, `clipnorm`, `clipvalue`,
+            `global_clipnorm`, `clip_micro_batches`, `sync_micro_batches`,
+            `on_nonfinite`, `track_gradient_statistics`, `jit_compile`,
+            `name` (see `keras_gradtools.SGD` for their meaning). The update
+            rule's own arguments (`learning_rate`, `weight_decay`, ...) go
+            to the inner optimizer.
 
     Returns:
         A `GradientPipelineWrapper` around `optimizer`.
