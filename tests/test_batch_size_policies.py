@@ -231,7 +231,12 @@ def test_micro_second_moment_keeps_its_half_life_in_samples_already():
     results = []
     for switch in (False, True):
         variable = keras.Variable(np.zeros(5, "float32"))
-        optimizer = kg.Adam(0.1, accumulation_steps=2, max_accumulation_steps=4)
+        optimizer = kg.Adam(
+            0.1,
+            accumulation_steps=2,
+            max_accumulation_steps=4,
+            second_moment="micro",
+        )
         optimizer.build([variable])
         optimizer.set_hyperparameter_transfer(beta_2=switch)
         for i, g in enumerate(gradients):
