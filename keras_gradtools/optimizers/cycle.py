@@ -216,12 +216,17 @@ class CycleDriver:
         if not indices:
             accumulator.finish()
             return
+        # The update's squared norms, computed once: the finite check of
+        # the sums reads them too instead of summing the means again.
+        mean_norms = None
+        if self._update_reads_norms:
+            mean_norms = transforms.square_norms(means)
         gate = None
         if optimizer.on_nonfinite == "skip":
             # Finite micro-batches can still sum beyond float32's range
             # (two of 3e38): such a cycle is left out like a non-finite
             # micro-batch, and counted as one where the count is local.
-            sums_finite = transforms.all_finite(means)
+            sums_finite = transforms.all_finite(means, partial_sums=mean_norms)
             if placement is LOCAL:
                 accumulator.count_skipped(
                     sums_finite, counted=ops.greater(count, 0)
@@ -232,6 +237,7 @@ class CycleDriver:
             indices,
             count=count,
             gate=gate,
+            mean_norms=mean_norms,
             samples=samples,
             norm_sums=norm_sums,
             mean_squares=mean_squares,
