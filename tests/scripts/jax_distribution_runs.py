@@ -403,11 +403,18 @@ def check_adaptive(used):
 
 
 def xla_thread_pool_size():
-    """The threads of XLA's CPU client pool in this process (Linux)."""
+    """The threads of XLA's CPU client pool in this process (Linux).
+
+    A thread listed may have ended before its name is read (short-lived
+    threads of other libraries): it is not one of the pool's, so skip it.
+    """
     names = []
     for thread in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{thread}/comm") as comm:
-            names.append(comm.read().strip())
+        try:
+            with open(f"/proc/self/task/{thread}/comm") as comm:
+                names.append(comm.read().strip())
+        except FileNotFoundError:
+            continue
     return sum(name.endswith("XLAEigen") for name in names)
 
 
