@@ -12,6 +12,8 @@ from keras_gradtools.callbacks import AdaptiveAccumulation  # noqa: E402
 from keras_gradtools.callbacks import BatchSizeSchedule  # noqa: E402
 from keras_gradtools.callbacks import GradientVarianceMonitor  # noqa: E402
 from keras_gradtools.callbacks import Seesaw  # noqa: E402
+from keras_gradtools.exact_accumulation import exact_accumulation  # noqa: E402
+from keras_gradtools.exact_accumulation import loss_count  # noqa: E402
 from keras_gradtools.optimizers import SGD  # noqa: E402
 from keras_gradtools.optimizers import Adam  # noqa: E402
 from keras_gradtools.optimizers import AdamW  # noqa: E402
@@ -32,6 +34,8 @@ __all__ = [
     "Seesaw",
     "__version__",
     "distribute",
+    "exact_accumulation",
+    "loss_count",
     "plot_gradient_statistics",
     "wrap",
 ]

@@ -92,12 +92,12 @@ def _current_value(scope, variable, default):
     return default if value is None else value
 
 
-def apply(optimizer, grads, variables):
+def apply(optimizer, grads, variables, weight=None):
     """Runs one micro-batch through `optimizer`'s pipeline: in place inside
     a stateless scope (`fit`, `stateless_apply`), else as a function of the
     variables' values whose results are written back."""
     if private_api.in_stateless_scope():
-        optimizer._cycle.run(grads, variables)
+        optimizer._cycle.run(grads, variables, weight)
         return
     state = optimizer._state_variables()
     indices = tuple(optimizer._variable_index(v) for v in variables)
@@ -107,7 +107,9 @@ def apply(optimizer, grads, variables):
     learning_rate = private_api.callable_learning_rate_value(
         optimizer._learning_rate_owner()
     )
-    new_values = function([v.value for v in state], list(grads), learning_rate)
+    new_values = function(
+        [v.value for v in state], list(grads), learning_rate, weight
+    )
     for variable, value in zip(state, new_values):
         variable.assign(value)
 
@@ -123,7 +125,7 @@ def _stateless_pipeline(optimizer, indices):
         state = optimizer._state_variables()
         variables = [optimizer._trainable_variable(i) for i in indices]
 
-        def pipeline(values, grads, learning_rate):
+        def pipeline(values, grads, learning_rate, weight):
             owner = optimizer._learning_rate_owner()
             with (
                 keras.StatelessScope(
@@ -131,7 +133,7 @@ def _stateless_pipeline(optimizer, indices):
                 ) as scope,
                 private_api.feeding_learning_rate(owner, learning_rate),
             ):
-                optimizer._cycle.run(grads, variables)
+                optimizer._cycle.run(grads, variables, weight)
             return [
                 _current_value(scope, variable, value)
                 for variable, value in zip(state, values)

@@ -298,3 +298,11 @@ def skip_first_batch_reduction(model, strategy) -> None:
         return original(iterator=None, data_batch=data_batch)
 
     object.__setattr__(model, "_maybe_symbolic_build", maybe_symbolic_build)
+
+
+def keras_mask(tensor):
+    """The Keras mask carried by `tensor` (what `keras.losses.Loss` reads
+    from `y_pred`), or `None`. Keras 3 exposes no public getter."""
+    from keras.src.backend import get_keras_mask
+
+    return get_keras_mask(tensor)

@@ -76,8 +76,9 @@ def run_if(predicate, fn, state=None):
     )
 
 
-def apply(optimizer, grads, variables):
-    """Runs one micro-batch through `optimizer`'s pipeline.
+def apply(optimizer, grads, variables, weight=None):
+    """Runs one micro-batch (of count `weight`, or `None`) through
+    `optimizer`'s pipeline.
 
     Under a `tf.distribute` strategy, in replica or cross-replica context,
     the halves of `tf_distribute` run it; eagerly with `jit_compile=True`,
@@ -86,7 +87,7 @@ def apply(optimizer, grads, variables):
     if tf.distribute.has_strategy():
         from keras_gradtools.backends import tf_distribute
 
-        tf_distribute.apply(optimizer, grads, variables)
+        tf_distribute.apply(optimizer, grads, variables, weight)
         return
     if optimizer.jit_compile and tf.executing_eagerly():
         indices = tuple(optimizer._variable_index(v) for v in variables)
@@ -95,21 +96,23 @@ def apply(optimizer, grads, variables):
         learning_rate = private_api.callable_learning_rate_value(
             optimizer._learning_rate_owner()
         )
-        _compiled_pipeline(optimizer)(tuple(grads), indices, learning_rate)
+        _compiled_pipeline(optimizer)(
+            tuple(grads), indices, learning_rate, weight
+        )
         return
-    optimizer._cycle.run(grads, variables)
+    optimizer._cycle.run(grads, variables, weight)
 
 
 def _compiled_pipeline(optimizer):
     compiled = getattr(optimizer, "_keras_gradtools_compiled", None)
     if compiled is None:
 
-        def run(grads, indices, learning_rate):
+        def run(grads, indices, learning_rate, weight):
             variables = [optimizer._trainable_variable(i) for i in indices]
             with private_api.feeding_learning_rate(
                 optimizer._learning_rate_owner(), learning_rate
             ):
-                optimizer._cycle.run(list(grads), variables)
+                optimizer._cycle.run(list(grads), variables, weight)
 
         # No AutoGraph: the pipeline has no Python control flow on tensors
         # (see `not_for_autograph`), and converting it warned about

@@ -132,8 +132,9 @@ def samples_per_micro_batch(optimizer):
     return strategy.num_replicas_in_sync
 
 
-def apply(optimizer, grads, variables):
-    """Runs one micro-batch under the strategy in scope."""
+def apply(optimizer, grads, variables, weight=None):
+    """Runs one micro-batch (of count `weight`, or `None`) under the
+    strategy in scope."""
     strategy = tf.distribute.get_strategy()
     if optimizer._strategy is not strategy:
         raise ValueError(
@@ -149,32 +150,57 @@ def apply(optimizer, grads, variables):
             "train them without a strategy, or on the JAX backend."
         )
     if tf.distribute.in_cross_replica_context():
+        _refuse_weights(weight, "in cross-replica context")
         _apply_in_cross_replica_context(optimizer, strategy, grads, variables)
         return
-    _apply_in_replica_context(optimizer, strategy, grads, variables)
+    _apply_in_replica_context(optimizer, strategy, grads, variables, weight)
 
 
-def _apply_in_replica_context(optimizer, strategy, grads, variables):
+def _refuse_weights(weight, where):
+    if weight is not None:
+        raise NotImplementedError(
+            "Counted micro-batches (`weighted_accumulation`, "
+            f"`exact_accumulation`) are not supported {where} under a "
+            "tf.distribute strategy yet: compute the gradients inside "
+            "`strategy.run` (as `model.fit` does), without "
+            "`sync_micro_batches` or `clip_micro_batches`."
+        )
+
+
+def _apply_in_replica_context(optimizer, strategy, grads, variables, weight):
     driver = optimizer._cycle
     context = tf.distribute.get_replica_context()
     replicas = strategy.num_replicas_in_sync
     indices = [optimizer._variable_index(v) for v in variables]
     if _handed_to_every_replica(context, grads):
+        _refuse_weights(weight, "for gradients shared by every replica")
         _apply_global_gradient(optimizer, context, grads, indices)
         return
     samples = samples_per_micro_batch(optimizer)
+    if samples == 1:
+        _refuse_weights(weight, "with micro-batches summed over replicas")
     if not optimizer._accumulator.accumulates:
         # Clipping each micro-batch acts on the sum over replicas, after
         # the all-reduce of the update.
-        local = driver.local_half(grads, indices, clip=False)
+        local = driver.local_half(grads, indices, clip=False, weight=weight)
         # With the replicas as samples, their squared norms go along for
         # the statistics (one more small all-reduce).
         statistics = samples > 1 and optimizer.track_gradient_statistics
         norms = local.norms if statistics else None
+        grads = local.grads
+        if optimizer.weighted_accumulation:
+            # Each replica's h_r = R g_r, weighted: sum w_r h_r over the
+            # replicas, divided by sum w_r after the all-reduce.
+            weight = ops.where(local.weighs, weight, 0.0)
+            scale = weight * float(replicas)
+            grads = [g * scale for g in grads]
+            if norms is not None:
+                norms = [n * (scale * float(replicas)) for n in norms]
+            grads = grads + [tf.reshape(weight, [])]
         # One tensor object per replica, even where every replica was handed
         # the same one: `merge_call` would otherwise pass it on as a single
         # value, which the batched reduction does not take.
-        grads = [tf.identity(g) for g in local.grads]
+        grads = [tf.identity(g) for g in grads]
         context.merge_call(
             _update_from_replicas,
             args=(optimizer, grads, norms, indices),
@@ -196,6 +222,7 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables):
         count=1.0 / replicas,
         reduce=reduce,
         keeper=keeper,
+        weight=weight,
     )
     context.merge_call(_finish_micro_batch, args=(optimizer, indices, samples))
 
@@ -304,12 +331,26 @@ def _update_from_replicas(strategy, optimizer, grads, norms, indices):
             strategy.experimental_local_results(r)[0] for r in reduced_values
         ]
 
-    grads = reduce(grads, [tf_variable(v) for v in variables])
+    first = tf_variable(variables[0])
+    destinations = [tf_variable(v) for v in variables]
+    weighted = len(grads) > len(variables)
+    if weighted:
+        # The replicas' summed count rides in the same batched all-reduce.
+        destinations.append(first)
+    grads = reduce(grads, destinations)
     samples = samples_per_micro_batch(optimizer)
     norm_sums = None
     if norms is not None:
-        first = tf_variable(variables[0])
         norm_sums = reduce(norms, [first] * len(norms))
+    weight_gate = None
+    if weighted:
+        total = grads.pop()
+        weight_gate = ops.greater(total, 0.0)
+        safe = ops.where(weight_gate, total, 1.0)
+        grads = [g / safe for g in grads]
+        if norm_sums is not None:
+            replicas = float(strategy.num_replicas_in_sync)
+            norm_sums = [q / (safe * replicas) for q in norm_sums]
     means = grads
     if optimizer.clip_micro_batches:
         means, _ = optimizer._clip(means)
@@ -318,6 +359,10 @@ def _update_from_replicas(strategy, optimizer, grads, norms, indices):
         from keras_gradtools import transforms
 
         gate = transforms.all_finite(means)
+    if weight_gate is not None:
+        gate = (
+            weight_gate if gate is None else ops.logical_and(gate, weight_gate)
+        )
     optimizer._cycle.update(
         means,
         indices,

@@ -8,6 +8,15 @@ sum of squares `S = sum g_i**2`, and for the statistics the per-variable
 scalars `Q = sum |g_i|**2`. The first micro-batch of a cycle overwrites the
 sums instead of adding to them, so the update never zeroes them.
 
+With `weighted=True` (`weighted_accumulation`), each micro-batch weighs by
+its count w_i, what its loss was averaged over (valid tokens, samples, the
+sum of sample weights): the sums become `G = sum w_i h_i`, `S = sum w_i
+h_i**2`, `Q = sum w_i |h_i|**2` and `W = sum w_i`, where `h_i` is the mean
+gradient of the samples behind the count (the micro-batch gradient, or
+under a strategy a replica's, R times its share), so that `G / W` is the
+gradient of one big batch when the micro-batches differ (docs/design.md
+§7). The count of micro-batches then counts those of positive weight.
+
 K itself is state (`accumulation_steps`, an int32 variable): it may change
 between cycles without retracing the step, up to `max_steps`, which is
 fixed at construction and decides whether the sums exist at all. A change
@@ -43,13 +52,23 @@ class GradientAccumulator:
             per-coordinate statistics).
         square_norm_sums: Whether to keep the per-variable Σ|g|² (gradient
             statistics).
+        weighted: Whether micro-batches weigh by their counts (`W` kept).
     """
 
     def __init__(
-        self, owner, variables, max_steps, steps, square_sums, square_norm_sums
+        self,
+        owner,
+        variables,
+        max_steps,
+        steps,
+        square_sums,
+        square_norm_sums,
+        weighted=False,
     ):
         self._owner = owner
         self.max_steps = max_steps
+        self.weighted = weighted
+        self.weight = None
         self.micro_steps = owner._add_state("micro_steps", dtype="int")
         self.skipped_micro_batches = owner._add_state(
             "skipped_micro_batches", dtype="int", local=True
@@ -73,6 +92,10 @@ class GradientAccumulator:
         )
         self.position = owner._add_state("cycle_position", dtype="int32")
         self.count = owner._add_state("cycle_micro_batches", local=True)
+        if weighted:
+            self.weight = owner._add_state(
+                "cycle_weight", role="cycle_weight", local=True
+            )
         self.gradient_sums = [
             owner._add_state(
                 "gradient_maximum"
@@ -193,6 +216,7 @@ class GradientAccumulator:
         finite=None,
         norms=None,
         count=1.0,
+        weight=None,
     ):
         """Adds one micro-batch to the sums.
 
@@ -208,16 +232,30 @@ class GradientAccumulator:
                 their sums.
             count: What this micro-batch adds to the count (1/R on each of
                 R replicas).
+            weight: With `weighted`, this micro-batch's count w (scalar
+                float32, finite and >= 0: the caller checks): the sums take
+                `w * grads / count` (the samples' mean gradient, weighted).
 
         The sums of variables without a gradient here restart with the
         cycle all the same.
         """
         backend = self._owner._backend
+        scale = square_scale = None
+        if self.weighted:
+            weight = ops.cast(
+                ops.convert_to_tensor(1.0 if weight is None else weight),
+                "float32",
+            )
+            unit = ops.full((), count, "float32")
+            scale = ops.divide(weight, unit)
+            square_scale = ops.divide(scale, unit)
+            if norms is not None:
+                norms = [ops.multiply(n, square_scale) for n in norms]
         for grad, i in zip(grads, indices):
             if sparse.is_sparse(grad):
                 backend.restart_or_scatter_add(
                     self.gradient_sums[i],
-                    grad.values,
+                    self._weighted(grad.values, scale),
                     grad.indices,
                     first,
                     finite,
@@ -225,7 +263,7 @@ class GradientAccumulator:
                 if self.square_sums:
                     backend.restart_or_scatter_add(
                         self.square_sums[i],
-                        ops.square(grad.values),
+                        self._weighted(ops.square(grad.values), square_scale),
                         grad.indices,
                         first,
                         finite,
@@ -234,23 +272,34 @@ class GradientAccumulator:
             self._write(
                 self.gradient_sums[i],
                 transforms.restart_or_add(
-                    self.gradient_sums[i], grad, first, finite
+                    self.gradient_sums[i],
+                    self._weighted(grad, scale),
+                    first,
+                    finite,
                 ),
             )
             if self.square_sums:
                 self._write(
                     self.square_sums[i],
                     transforms.restart_or_add(
-                        self.square_sums[i], ops.square(grad), first, finite
+                        self.square_sums[i],
+                        self._weighted(ops.square(grad), square_scale),
+                        first,
+                        finite,
                     ),
                 )
         if self.square_norm_sums is not None and norms is not None:
             self._add_norms(norms, indices, first, finite)
+        counted = ops.full((), count, "float32")
+        if self.weighted:
+            counted = ops.where(ops.greater(weight, 0), counted, 0.0)
+            self._write(
+                self.weight,
+                transforms.restart_or_add(self.weight, weight, first, finite),
+            )
         self._write(
             self.count,
-            transforms.restart_or_add(
-                self.count, ops.full((), count, "float32"), first, finite
-            ),
+            transforms.restart_or_add(self.count, counted, first, finite),
         )
         present = set(indices)
         flags = self._owner._overwrite_flags
@@ -268,6 +317,12 @@ class GradientAccumulator:
             # fit) must still start the cycle from zero, or stale sums would
             # return when it gets gradients again.
             backend.zero_if(first, absent)
+
+    @staticmethod
+    def _weighted(value, scale):
+        """`value`, times `scale` when micro-batches are weighted (`w /
+        count` for a gradient, `w / count**2` for its square)."""
+        return value if scale is None else ops.multiply(value, scale)
 
     def add_maxima(self, grads, indices, first):
         """Keeps the cycle's maximum of the gradients of variables that Keras
@@ -318,11 +373,20 @@ class GradientAccumulator:
         """The finite micro-batches of the cycle, in global micro-batches."""
         return ops.convert_to_tensor(self.count)
 
+    def total_weight(self, count):
+        """What the means divide by: `W` when weighted (a cycle of zero
+        weight divides by 1: its update is gated off), else `count`."""
+        if not self.weighted:
+            return count
+        weight = ops.convert_to_tensor(self.weight)
+        return ops.where(ops.greater(weight, 0), weight, 1.0)
+
     def means(self, indices, count):
-        """`G / count` for each variable (by a reciprocal: XLA then fuses the
-        mean into each reader instead of writing it once and reading it
-        back, which it does for a division)."""
-        reciprocal = ops.divide(1.0, count)
+        """`G / count` for each variable, `G / W` when weighted (by a
+        reciprocal: XLA then fuses the mean into each reader instead of
+        writing it once and reading it back, which it does for a
+        division)."""
+        reciprocal = ops.divide(1.0, self.total_weight(count))
         return [
             ops.multiply(self.gradient_sums[i], reciprocal) for i in indices
         ]
@@ -335,11 +399,24 @@ class GradientAccumulator:
         recorded = ops.convert_to_tensor(self.cycle_samples)
         return ops.maximum(recorded, 1), ops.greater(recorded, 0)
 
-    def norm_sums(self, indices):
-        """Σ|g|² per variable, or `None` when not kept."""
+    def norm_sums(self, indices, count=None, samples=1):
+        """Σ|g|² per variable, or `None` when not kept.
+
+        Weighted, `Q = sum w |h|**2` is returned as `Q * count / (samples *
+        W)`: the sum of equal-weight samples with the same weighted mean
+        square, which the statistics then read as they read unweighted sums
+        (docs/design.md §7)."""
         if self.square_norm_sums is None:
             return None
         sums = ops.convert_to_tensor(self.square_norm_sums)
+        if self.weighted:
+            scale = ops.divide(
+                count,
+                ops.multiply(
+                    ops.cast(samples, "float32"), self.total_weight(count)
+                ),
+            )
+            sums = ops.multiply(sums, scale)
         return [sums[i] for i in indices]
 
     def maxima(self, index):
@@ -351,10 +428,16 @@ class GradientAccumulator:
         `samples * S / count` (S summed over replicas), or `None`."""
         if not self.square_sums:
             return None
-        scale = ops.divide(ops.cast(samples, "float32"), count)
+        if self.weighted:
+            # S = sum w h**2: its weighted mean over the samples.
+            scale = ops.divide(1.0, self.total_weight(count))
+        else:
+            scale = ops.divide(ops.cast(samples, "float32"), count)
         return [ops.multiply(self.square_sums[i], scale) for i in indices]
 
     def finish(self):
         """Ends the cycle: the count restarts (also keeping the update's
         reads loop-variant, so XLA cannot hoist them out of `run_if`)."""
         self.count.assign(ops.zeros((), "float32"))
+        if self.weighted:
+            self.weight.assign(ops.zeros((), "float32"))

@@ -29,6 +29,7 @@ from keras import ops
 from keras import optimizers
 
 from keras_gradtools import backends
+from keras_gradtools import micro_batch_counts
 from keras_gradtools import transforms
 from keras_gradtools.backends import common
 from keras_gradtools.backends import private_api
@@ -79,6 +80,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         max_accumulation_steps: int | None = None,
         sync_micro_batches: bool = False,
         gradient_accumulation_steps: int | None = None,
+        weighted_accumulation: bool = False,
         **kwargs: Any,
     ) -> None:
         backends.check_supported()
@@ -126,6 +128,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         self.noise_seed = noise_seed
         self.clip_micro_batches = bool(clip_micro_batches)
         self.sync_micro_batches = bool(sync_micro_batches)
+        self.weighted_accumulation = bool(weighted_accumulation)
         self.on_nonfinite = on_nonfinite
         self.track_gradient_statistics = bool(track_gradient_statistics)
         self.jit_compile = bool(jit_compile)
@@ -368,6 +371,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 steps=self._initial_accumulation_steps,
                 square_sums=self._keeps_square_sums,
                 square_norm_sums=self.track_gradient_statistics,
+                weighted=self.weighted_accumulation,
             ),
         )
         if self.noise_eta > 0:
@@ -552,6 +556,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         self,
         grads: Sequence[TensorLike | None],
         trainable_variables: Sequence[keras.Variable] | None = None,
+        count: TensorLike | float | None = None,
     ) -> keras.Variable:
         """Consumes the gradients of one micro-batch.
 
@@ -561,19 +566,76 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             trainable_variables: The variables, required on the first call
                 (it builds the optimizer); defaults to those it was built
                 with.
+            count: Optional scalar (float or tensor) >= 0: what this
+                micro-batch's loss was averaged over (its valid tokens,
+                samples or sum of sample weights), for accumulation that
+                equals one big batch when micro-batches differ
+                (`weighted_accumulation`, which a count given to an
+                optimizer not built yet switches on). A count of 0 (all
+                padding) contributes nothing; one that is not finite is
+                left out like a non-finite gradient. Inside `model.fit`,
+                `keras_gradtools.exact_accumulation(model)` passes it.
 
         Returns:
             The update counter `iterations`.
+
+        Example:
+
+        >>> loss = loss_fn(y, model(x))  # the mean over `n` valid tokens
+        >>> optimizer.apply(grads, model.trainable_variables, count=n)
         """
+        if count is None:
+            count = micro_batch_counts.take()
+        if count is not None and not self.weighted_accumulation:
+            if self.built:
+                raise ValueError(
+                    "`apply(..., count=...)` needs an optimizer created with "
+                    "`weighted_accumulation=True` (or given a count from its "
+                    "first `apply`, or set up by "
+                    "`keras_gradtools.exact_accumulation(model)` before "
+                    "training): this one was built without, and has no "
+                    "state for the counts."
+                )
+            self.weighted_accumulation = True
         grads, variables = self._prepare_gradients(grads, trainable_variables)
+        if self.weighted_accumulation:
+            count = ops.cast(
+                ops.convert_to_tensor(1.0 if count is None else count),
+                "float32",
+            )
         guard = contextlib.nullcontext()
         if self.on_nonfinite == "raise":
+            checked = grads if count is None else grads + [count]
             guard = self._backend.nonfinite_guard(
-                grads, variables, self._accumulator.micro_steps.value
+                checked, variables, self._accumulator.micro_steps.value
             )
         with guard, keras.name_scope(self.name, caller=self):
-            self._backend.apply(self, grads, variables)
+            self._backend.apply(self, grads, variables, count)
         return self._iterations
+
+    def stateless_apply(
+        self,
+        optimizer_variables,
+        grads,
+        trainable_variables,
+        count=None,
+    ):
+        """Keras's `stateless_apply` (JAX), with the micro-batch's optional
+        `count` as in `apply`.
+
+        Args:
+            optimizer_variables: The values of `optimizer.variables`.
+            grads: One gradient per trainable variable.
+            trainable_variables: The values of the trainable variables.
+            count: Optional scalar, see `apply`.
+
+        Returns:
+            `(trainable_variables, optimizer_variables)`, the new values.
+        """
+        with micro_batch_counts.offered(count):
+            return super().stateless_apply(
+                optimizer_variables, grads, trainable_variables
+            )
 
     def _prepare_gradients(self, grads, trainable_variables):
         grads = list(grads)
@@ -1091,6 +1153,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             "noise": self.noise_eta > 0,
             "use_ema": bool(self.use_ema),
             "statistics": self.track_gradient_statistics,
+            **({"weighted": True} if self.weighted_accumulation else {}),
         }
 
     def _layout(self):
@@ -1121,6 +1184,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             "noise_seed": self.noise_seed,
             "clip_micro_batches": self.clip_micro_batches,
             "sync_micro_batches": self.sync_micro_batches,
+            "weighted_accumulation": self.weighted_accumulation,
             "on_nonfinite": self.on_nonfinite,
             "track_gradient_statistics": self.track_gradient_statistics,
             "jit_compile": self.jit_compile,

@@ -43,11 +43,21 @@ class LocalHalf:
     their squared norms (or `None`), whether they are finite (or `None`
     when nothing was checked) and the cycle flags `(first, last, steps)`."""
 
-    def __init__(self, grads, norms, finite, flags):
+    def __init__(self, grads, norms, finite, flags, weighs=None):
         self.grads = grads
         self.norms = norms
         self.finite = finite
         self.flags = flags
+        # `None`, or whether the micro-batch's count is above zero (a
+        # micro-batch of only padding moves nothing).
+        self.weighs = weighs
+
+
+def _and(a, b):
+    """The conjunction of two optional scalar gates."""
+    if a is None or b is None:
+        return b if a is None else a
+    return ops.logical_and(a, b)
 
 
 class CycleDriver:
@@ -65,17 +75,18 @@ class CycleDriver:
     # ------------------------------------------------------------------
     # One device.
 
-    def run(self, grads, variables):
-        """Consumes one micro-batch on one device."""
+    def run(self, grads, variables, weight=None):
+        """Consumes one micro-batch on one device (`weight`: its count,
+        with `weighted_accumulation`)."""
         indices = [self.optimizer._variable_index(v) for v in variables]
         grads, indices = self.overwrite_with_gradients(grads, indices)
-        local = self.local_half(grads, indices)
+        local = self.local_half(grads, indices, weight=weight)
         if not self.accumulator.accumulates:
             self.update(
                 local.grads,
                 indices,
                 count=1.0,
-                gate=local.finite,
+                gate=_and(local.finite, local.weighs),
                 mean_norms=local.norms,
             )
         else:
@@ -119,6 +130,7 @@ class CycleDriver:
         reduce=None,
         keeper=None,
         clip=True,
+        weight=None,
     ):
         """Casts, checks and accumulates one micro-batch.
 
@@ -135,6 +147,9 @@ class CycleDriver:
                 so that the sums over replicas hold it once.
             clip: Whether `clip_micro_batches` may clip here (not on a
                 replica's share of a gradient that is summed later).
+            weight: With `weighted_accumulation`, the micro-batch's count
+                (scalar; `None` counts 1). A count that is not finite or
+                below zero is refused like a non-finite gradient.
 
         Returns:
             A `LocalHalf`.
@@ -155,10 +170,23 @@ class CycleDriver:
                 [sparse.values_of(g) for g in grads]
             )
         finite = None
+        weighs = None
+        if optimizer.weighted_accumulation:
+            weight = ops.cast(
+                ops.convert_to_tensor(1.0 if weight is None else weight),
+                "float32",
+            )
+            usable = ops.logical_and(
+                ops.isfinite(weight), ops.greater_equal(weight, 0.0)
+            )
+            weight = ops.where(usable, weight, 0.0)
+            weighs = ops.greater(weight, 0.0)
         if optimizer.on_nonfinite == "skip" and grads:
             finite = transforms.all_finite(
                 [sparse.values_of(g) for g in grads], partial_sums=norms
             )
+            if weighs is not None:
+                finite = ops.logical_and(finite, usable)
             accumulator.count_skipped(finite, keeper)
         if keeper is not None:
             grads = [ops.where(keeper, g, ops.zeros_like(g)) for g in grads]
@@ -174,8 +202,9 @@ class CycleDriver:
                 finite,
                 norms=norms,
                 count=count,
+                weight=weight,
             )
-        return LocalHalf(grads, norms, finite, flags)
+        return LocalHalf(grads, norms, finite, flags, weighs)
 
     @property
     def _reads_micro_batch_norms(self):
@@ -204,7 +233,7 @@ class CycleDriver:
         count = accumulator.total_count()
         means = accumulator.means(indices, count)
         samples, valid = accumulator.cycle_samples_and_validity()
-        norm_sums = accumulator.norm_sums(indices)
+        norm_sums = accumulator.norm_sums(indices, count, samples)
         mean_squares = None
         if optimizer._reads_micro_variance:
             mean_squares = accumulator.mean_squares(indices, count, samples)

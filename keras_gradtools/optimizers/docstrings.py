@@ -32,6 +32,15 @@ pipeline_keyword_args = """accumulation_steps: Int >= 1, defaults to 1. The
             replica accumulates its own gradients, and the update reads
             their sums across replicas once. On JAX the gradients are
             global already and this has no effect.
+        weighted_accumulation: Boolean, defaults to `False`. If `True`,
+            each micro-batch weighs in the update by its count, what its
+            loss was averaged over (valid tokens under a mask, samples, or
+            the sum of sample weights), passed as `apply(..., count=n)` or,
+            in `model.fit`, by `keras_gradtools.exact_accumulation(model)`
+            (which sets this): K micro-batches of unequal counts then give
+            the update of one big batch, where equal weights (Keras's
+            accumulation) give a mean of means. The gradient statistics
+            stay in micro-batches of the mean count.
         on_nonfinite: `"skip"` (default), `"raise"` or `"apply"`. With
             `"skip"`, a micro-batch whose gradient holds a NaN or an
             infinity is left out of the accumulators (and counted in
