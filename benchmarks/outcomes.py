@@ -521,6 +521,45 @@ def _configuration(optimizer):
     return type(optimizer).__name__, repr(sorted(config.items()))
 
 
+def compiled_for(task, mode, compiled):
+    """The compiled model and optimizer of `mode` on `task`: from
+    `compiled` (a dict keyed by the optimizer's configuration, shared by
+    the modes that differ only in state, e.g. "micro" and "micro*sqrtK"),
+    compiled and added there on first use."""
+    optimizer = mode.optimizer(task.learning_rates[0])
+    key = _configuration(optimizer)
+    if key not in compiled:
+        model = task.model(0)
+        model.compile(optimizer=optimizer, loss=_loss())
+        optimizer.build(model.trainable_variables)
+        compiled[key] = model, optimizer
+    return compiled[key]
+
+
+def fit_run(task, mode, lr, model, weights, stream, evaluations=1, **fit):
+    """One run of `mode` at rate `lr` on the compiled `model` (from
+    `compiled_for`): the seed's initial `weights` and a fresh optimizer's
+    state loaded, then the whole `stream` fed once, in order, in
+    `evaluations` epochs of equal length (the last micro-batches that do
+    not fill one are left out). `fit`: more arguments of `model.fit`
+    (`validation_data`, `callbacks` added to the mode's)."""
+    load_run_state(model, model.optimizer, mode.optimizer(lr), weights)
+    x, y = stream
+    steps = len(x) // task.micro_batch // evaluations
+    callbacks = mode.callbacks() + list(fit.pop("callbacks", ()))
+    return model.fit(
+        x,
+        y,
+        batch_size=task.micro_batch,
+        epochs=evaluations,
+        steps_per_epoch=steps if evaluations > 1 else None,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        **fit,
+    )
+
+
 def run_mode(task, mode, seeds, streams, initial, judge, compiled, log=None):
     """Final validation losses (in nats) of `mode` on `task`:
     `{learning_rate: [loss per seed]}`, non-finite as `inf`. `judge` is the
@@ -529,31 +568,14 @@ def run_mode(task, mode, seeds, streams, initial, judge, compiled, log=None):
     state (e.g. "micro" and "micro*sqrtK")."""
     import numpy as np
 
-    optimizer = mode.optimizer(task.learning_rates[0])
-    key = _configuration(optimizer)
-    if key not in compiled:
-        model = task.model(0)
-        model.compile(optimizer=optimizer, loss=_loss())
-        optimizer.build(model.trainable_variables)
-        compiled[key] = model, optimizer
-    model, optimizer = compiled[key]
+    model, _ = compiled_for(task, mode, compiled)
     x_val, y_val = task.validation
     losses = {}
     for lr in task.learning_rates:
         losses[lr] = []
         for seed in seeds:
             start = time.perf_counter()
-            load_run_state(model, optimizer, mode.optimizer(lr), initial[seed])
-            x, y = streams[seed]
-            model.fit(
-                x,
-                y,
-                batch_size=task.micro_batch,
-                epochs=1,
-                shuffle=False,
-                verbose=0,
-                callbacks=mode.callbacks(),
-            )
+            fit_run(task, mode, lr, model, initial[seed], streams[seed])
             judge.set_weights(model.get_weights())
             value = judge.evaluate(
                 x_val, y_val, batch_size=len(x_val), verbose=0
