@@ -112,6 +112,36 @@ def gradient_statistics(micro_grads):
     }
 
 
+def weighted_gradient_statistics(micro_grads, weights):
+    """docs/design.md §7: the statistics of micro-batches of unequal counts
+    `weights` (those of count 0 left out), in micro-batches of the mean
+    count. A micro-batch gradient of count w has variance tr(Sigma) / w:
+    tr(Sigma) = (sum w |h|^2 - W |g_bar|^2) / (K - 1), and the reported
+    variance is tr(Sigma) / (W / K)."""
+    kept = [(g, w) for g, w in zip(micro_grads, weights) if w > 0]
+    k = len(kept)
+    total = float(sum(w for _, w in kept))
+    grads = [_f64(g) for g, _ in kept]
+    mean = [
+        sum(w * g[j] for g, (_, w) in zip(grads, kept)) / total
+        for j in range(len(grads[0]))
+    ]
+    mean_sq = float(sum(np.sum(m * m) for m in mean))
+    weighted_sq = float(
+        sum(w * sum(np.sum(x * x) for x in g) for g, (_, w) in zip(grads, kept))
+    )
+    trace = (weighted_sq - total * mean_sq) / (k - 1)
+    variance = trace * k / total
+    mean_norm_sq = mean_sq - variance / k
+    return {
+        "variance": variance,
+        "mean_norm_sq": mean_norm_sq,
+        "noise_scale": variance / mean_norm_sq,
+        "snr": mean_norm_sq / (variance / k),
+        "grad_norm": float(np.sqrt(mean_sq)),
+    }
+
+
 # ----------------------------------------------------------------------
 # Update rules. `step(weights, g, micro_variance, t)` updates `weights`
 # (a list of float64 arrays) in place; `t` is the 1-based update number.
@@ -242,15 +272,18 @@ class ReferenceOptimizer:
         self.iterations = 0
         self.micro_steps = 0
         self._cycle = []
+        self._counts = []
         self.processed = None
         self.clip_factors = None
         self.micro_variance = None
         self.statistics = None
         self.clipped_any = False
 
-    def apply(self, grads, noise=None):
-        """One micro-batch; returns True when it completed an update."""
+    def apply(self, grads, noise=None, count=None):
+        """One micro-batch (of weight `count`, docs/design.md §7, or
+        unweighted); returns True when it completed an update."""
         grads = _f64(grads)
+        self._counts.append(count)
         if self.clip_micro_batches:
             grads, factors = clip(grads, self.clip_mode, self.clip_threshold)
             self.clipped_any |= _any_below_one(factors)
@@ -264,11 +297,26 @@ class ReferenceOptimizer:
     def _update(self, noise):
         k = self.k
         cycle, self._cycle = self._cycle, []
+        counts, self._counts = self._counts, []
         n_vars = len(self.weights)
-        g_sum = [sum(mg[j] for mg in cycle) for j in range(n_vars)]
-        s_sum = [sum(mg[j] ** 2 for mg in cycle) for j in range(n_vars)]
+        if counts[0] is None:
+            w = [1.0] * len(cycle)
+            self.statistics = gradient_statistics(cycle) if k >= 2 else None
+        else:
+            w = [float(c) for c in counts]
+            self.statistics = (
+                weighted_gradient_statistics(cycle, w) if k >= 2 else None
+            )
+        total = sum(w)
+        g_sum = [
+            sum(c * mg[j] for c, mg in zip(w, cycle)) for j in range(n_vars)
+        ]
+        s_sum = [
+            sum(c * mg[j] ** 2 for c, mg in zip(w, cycle))
+            for j in range(n_vars)
+        ]
+        k = total
         mean = [g / k for g in g_sum]
-        self.statistics = gradient_statistics(cycle) if k >= 2 else None
         if self.clip_micro_batches:
             clipped, factors = mean, [np.float64(1.0)] * n_vars
         else:
