@@ -45,7 +45,7 @@ def mirrored(tmp_path_factory):
     (collective groups of two sizes do not mix in one process)."""
     directory = tmp_path_factory.mktemp("mirrored")
     two = ("estimator", "monitor", "save_mid_cycle", "restore")
-    two += ("clip_after_sum", "keras_contract")
+    two += ("clip_after_sum", "keras_contract", "exact")
     results = _run_mirrored(two, directory)
     return results + _run_mirrored(("equality3", "restore3"), directory)
 
@@ -240,3 +240,14 @@ def test_adaptive_accumulation_takes_one_k_on_every_replica(mirrored):
     assert len(set(steps)) == 1 and len(set(factors)) == 1
     expected = r["expected_noise_scale"]
     assert expected / 1.6 <= r["effective_batch"] <= expected * 1.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+def test_exact_accumulation_sums_each_replicas_count(mirrored, k):
+    """Replicas whose valid tokens differ: with `exact_accumulation` the
+    update equals Keras's SGD on the big batch on one device; without it,
+    a mean of the replicas' means."""
+    result = _one(mirrored, check="exact", k=k)
+    assert result["max_abs_difference"] <= 1e-6, result
+    assert result["without_exact"] > 1e-3, result

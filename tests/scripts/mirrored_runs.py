@@ -714,6 +714,62 @@ def check_clip_after_sum(replicas=2):
     report(check="clip_after_sum", replicas=replicas, **moved)
 
 
+def check_exact(replicas=2):
+    """`exact_accumulation` with replicas whose valid tokens differ: each
+    replica's count rides with its gradient (K = 1: in the batched
+    all-reduce; K = 2: through the SUM accumulators), so that the update
+    equals one device's on the big batch, as does Keras's SGD there."""
+    import keras_gradtools as kg
+
+    steps, vocab = 6, 7
+    rng = np.random.default_rng(7)
+    lengths = np.repeat([1, 6, 2, 5], 4)
+    x = np.zeros((16, steps), "int32")
+    for i, length in enumerate(lengths):
+        x[i, :length] = rng.integers(1, vocab, length)
+    y = rng.integers(0, vocab, (16, steps))
+
+    def tagger(optimizer):
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((steps,), dtype="int32")
+        hidden = keras.layers.Embedding(vocab, 4, mask_zero=True)(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(vocab)(hidden))
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=False,
+        )
+        return model
+
+    strategy = strategy_over(replicas)
+    for k in (1, 2):
+        big = tagger(keras.optimizers.SGD(0.5))
+        big.fit(x, y, batch_size=8 * k, shuffle=False, verbose=0)
+        found = {}
+        for exact in (True, False):
+            with strategy.scope():
+                model = tagger(kg.SGD(0.5, accumulation_steps=k))
+            if exact:
+                kg.exact_accumulation(model)
+            model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+            found[exact] = max_difference(
+                model.get_weights(), big.get_weights()
+            )
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "check": "exact",
+                    "k": k,
+                    "replicas": replicas,
+                    "max_abs_difference": found[True],
+                    "without_exact": found[False],
+                }
+            ),
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
     checks, directory = sys.argv[1].split(","), sys.argv[2]
     runs = {
@@ -726,6 +782,7 @@ if __name__ == "__main__":
         "monitor": lambda: check_monitor(directory),
         "clip_after_sum": check_clip_after_sum,
         "keras_contract": check_keras_contract,
+        "exact": check_exact,
     }
     import time
 
