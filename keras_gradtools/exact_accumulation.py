@@ -154,6 +154,10 @@ def exact_accumulation(
             "Call `model.compile(...)` before `exact_accumulation(model)`."
         )
     optimizer = model.optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Mixed float16: Keras wraps ours; the wrapper hands the unscaled
+        # gradients to ours within the same step.
+        optimizer = optimizer.inner_optimizer
     if not isinstance(optimizer, GradientPipelineOptimizer):
         raise ValueError(
             "`exact_accumulation` needs a keras_gradtools optimizer "
@@ -197,7 +201,9 @@ def exact_accumulation(
     # Keras's public customisation points, replaced on this instance.
     model.compute_loss = counting_compute_loss
     model.train_step = counted_train_step
-    model.make_train_function(force=True)
+    # Made anew by the next `fit` (on JAX, building it now would record the
+    # state's shardings before the optimizer is built).
+    model.train_function = None
     object.__setattr__(model, _ENABLED, True)
     return model
 

@@ -93,3 +93,34 @@ def frozen_linear_model(optimizer):
 
 ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
 ON_JAX = keras.backend.backend() == "jax"
+
+
+# Sequences of 6 tokens from a vocabulary of 7 (0 is padding), in groups of
+# 4 whose valid lengths differ: 1, 6, 2 and 5 tokens each.
+PADDED_VOCAB, PADDED_STEPS = 7, 6
+PADDED_LENGTHS = np.repeat([1, 6, 2, 5], 4)
+
+
+def padded_tagging_data(lengths=PADDED_LENGTHS, seed=0):
+    """`(x, y)`: padded token ids and a tag per position."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((len(lengths), PADDED_STEPS), "int32")
+    for i, length in enumerate(lengths):
+        x[i, :length] = rng.integers(1, PADDED_VOCAB, length)
+    y = rng.integers(0, PADDED_VOCAB, (len(lengths), PADDED_STEPS))
+    return x, y
+
+
+def padded_tagger(optimizer, **compile_options):
+    """Embedding(mask_zero=True) -> Dense tagger, compiled with a masked
+    SparseCategoricalCrossentropy (the same weights for every seed)."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((PADDED_STEPS,), dtype="int32")
+    hidden = keras.layers.Embedding(PADDED_VOCAB, 4, mask_zero=True)(inputs)
+    outputs = keras.layers.Dense(PADDED_VOCAB)(hidden)
+    model = keras.Model(inputs, outputs)
+    compile_options.setdefault(
+        "loss", keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    model.compile(optimizer=optimizer, **compile_options)
+    return model

@@ -1,38 +1,21 @@
 """Accumulation that equals one big batch when micro-batches differ
 (docs/design.md §7): padded sequences, ragged batches, sample weights."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
+import numpy_reference as ref
 import pytest
+from helpers import PADDED_LENGTHS
+from helpers import padded_tagger as _tagger
+from helpers import padded_tagging_data as _padded_data
 from keras import ops
+from processes import parse_results
 
 import keras_gradtools as kg
-from tests import numpy_reference as ref
-
-VOCAB, STEPS = 7, 6
-
-
-def _padded_data(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    x = np.zeros((len(lengths), STEPS), "int32")
-    for i, length in enumerate(lengths):
-        x[i, :length] = rng.integers(1, VOCAB, length)
-    y = rng.integers(0, VOCAB, (len(lengths), STEPS))
-    return x, y
-
-
-def _tagger(optimizer, loss=None):
-    keras.utils.set_random_seed(1)
-    inputs = keras.Input((STEPS,), dtype="int32")
-    hidden = keras.layers.Embedding(VOCAB, 4, mask_zero=True)(inputs)
-    outputs = keras.layers.Dense(VOCAB)(hidden)
-    model = keras.Model(inputs, outputs)
-    model.compile(
-        optimizer=optimizer,
-        loss=loss
-        or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
 
 
 def _regressor(optimizer, loss="mse"):
@@ -47,11 +30,6 @@ def _difference(a, b):
         float(np.max(np.abs(u - v)))
         for u, v in zip(a.get_weights(), b.get_weights())
     )
-
-
-# Micro-batches of 4 sequences whose valid lengths differ per micro-batch
-# (1, 6, 2 and 5 tokens each): 4, 24, 8 and 20 valid tokens.
-PADDED_LENGTHS = np.repeat([1, 6, 2, 5], 4)
 
 
 @pytest.mark.parametrize(
@@ -296,3 +274,74 @@ def test_count_fn_and_mid_cycle_save_restore(tmp_path):
     assert int(resumed.optimizer.iterations) == 1
     for a, b in zip(whole.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_mixed_float16_through_keras_loss_scale_optimizer():
+    """Keras wraps ours in a LossScaleOptimizer: the count still reaches
+    ours, and the update equals the big batch's to float16 rounding."""
+    x, y = _padded_data()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        models = {}
+        for name, optimizer, batch in [
+            ("big", kg.SGD(0.5), 16),
+            ("exact", kg.SGD(0.5, accumulation_steps=4), 4),
+            ("plain", kg.SGD(0.5, accumulation_steps=4), 4),
+        ]:
+            model = _tagger(optimizer)
+            if name == "exact":
+                kg.exact_accumulation(model)
+            model.fit(
+                x, y, batch_size=batch, epochs=2, shuffle=False, verbose=0
+            )
+            models[name] = model
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(
+        models["exact"].optimizer, keras.optimizers.LossScaleOptimizer
+    )
+    assert _difference(models["exact"], models["big"]) < 5e-4
+    assert _difference(models["plain"], models["big"]) > 1e-2
+
+
+def test_adaptive_accumulation_reads_weighted_statistics():
+    """AdaptiveAccumulation over counted micro-batches: K moves, every
+    update is finite, and the noise scale is measured (in micro-batches)."""
+    x, y = _padded_data(np.tile(PADDED_LENGTHS, 4), seed=8)
+    optimizer = kg.SGD(0.2, accumulation_steps=2, max_accumulation_steps=8)
+    model = kg.exact_accumulation(_tagger(optimizer))
+    adaptive = kg.AdaptiveAccumulation(8, update_freq=2)
+    model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[adaptive],
+    )
+    stats = optimizer.gradient_statistics()
+    assert np.isfinite(float(stats["variance"]))
+    assert float(stats["variance"]) > 0
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert int(optimizer.iterations) > 0
+    assert optimizer.accumulation_steps > 2
+
+
+@pytest.mark.jax_only
+@pytest.mark.slow
+def test_jax_data_parallel_counts_are_global():
+    """keras.distribution.DataParallel over 2 forced CPU devices (a process
+    of its own): equal to one device on the big batch at K = 1 and 2."""
+    script = os.path.join(
+        os.path.dirname(__file__), "scripts", "jax_exact_runs.py"
+    )
+    completed = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = {r["k"]: r for r in parse_results(completed.stdout)}
+    assert sorted(results) == [1, 2]
+    for result in results.values():
+        assert result["max_abs_difference"] <= 1e-6, result
+    assert results[2]["without_exact"] > 1e-3

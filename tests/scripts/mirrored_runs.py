@@ -719,27 +719,15 @@ def check_exact(replicas=2):
     replica's count rides with its gradient (K = 1: in the batched
     all-reduce; K = 2: through the SUM accumulators), so that the update
     equals one device's on the big batch, as does Keras's SGD there."""
+    from helpers import padded_tagger
+    from helpers import padded_tagging_data
+
     import keras_gradtools as kg
 
-    steps, vocab = 6, 7
-    rng = np.random.default_rng(7)
-    lengths = np.repeat([1, 6, 2, 5], 4)
-    x = np.zeros((16, steps), "int32")
-    for i, length in enumerate(lengths):
-        x[i, :length] = rng.integers(1, vocab, length)
-    y = rng.integers(0, vocab, (16, steps))
+    x, y = padded_tagging_data(seed=7)
 
     def tagger(optimizer):
-        keras.utils.set_random_seed(1)
-        inputs = keras.Input((steps,), dtype="int32")
-        hidden = keras.layers.Embedding(vocab, 4, mask_zero=True)(inputs)
-        model = keras.Model(inputs, keras.layers.Dense(vocab)(hidden))
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=False,
-        )
-        return model
+        return padded_tagger(optimizer, jit_compile=False)
 
     strategy = strategy_over(replicas)
     for k in (1, 2):
