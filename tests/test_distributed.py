@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from processes import parse_results
 
@@ -246,8 +247,15 @@ def test_adaptive_accumulation_takes_one_k_on_every_replica(mirrored):
 @pytest.mark.parametrize("k", [1, 2])
 def test_exact_accumulation_sums_each_replicas_count(mirrored, k):
     """Replicas whose valid tokens differ: with `exact_accumulation` the
-    update equals Keras's SGD on the big batch on one device; without it,
-    a mean of the replicas' means."""
+    update equals Keras's SGD on the big batch on one device (without it, a
+    mean of the replicas' means), and so do the weighted statistics."""
     result = _one(mirrored, check="exact", k=k)
     assert result["max_abs_difference"] <= 1e-6, result
     assert result["without_exact"] > 1e-3, result
+    # The replicas' halves are the samples: the statistics equal one
+    # device's with those halves as its micro-batches, whose variance (at
+    # half the micro-batch size) is twice as large.
+    variance, mean_norm_sq = result["statistics"]
+    one_variance, one_mean_norm_sq = result["one_device_statistics"]
+    np.testing.assert_allclose(2 * variance, one_variance, rtol=1e-4)
+    np.testing.assert_allclose(mean_norm_sq, one_mean_norm_sq, rtol=1e-3)

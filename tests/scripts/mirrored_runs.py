@@ -729,6 +729,10 @@ def check_exact(replicas=2):
     def tagger(optimizer):
         return padded_tagger(optimizer, jit_compile=False)
 
+    def statistics(optimizer):
+        stats = optimizer.gradient_statistics()
+        return [float(stats["variance"]), float(stats["mean_norm_sq"])]
+
     strategy = strategy_over(replicas)
     for k in (1, 2):
         big = tagger(keras.optimizers.SGD(0.5))
@@ -736,13 +740,25 @@ def check_exact(replicas=2):
         found = {}
         for exact in (True, False):
             with strategy.scope():
-                model = tagger(kg.SGD(0.5, accumulation_steps=k))
+                optimizer = kg.SGD(
+                    0.5, accumulation_steps=k, track_gradient_statistics=True
+                )
+                model = tagger(optimizer)
             if exact:
                 kg.exact_accumulation(model)
             model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
             found[exact] = max_difference(
                 model.get_weights(), big.get_weights()
             )
+            if exact:
+                found["statistics"] = statistics(optimizer)
+        # One device, the replicas' halves as micro-batches: the same
+        # samples per update, in micro-batches of half the size.
+        single = kg.SGD(
+            0.5, accumulation_steps=k * replicas, track_gradient_statistics=True
+        )
+        model = kg.exact_accumulation(tagger(single))
+        model.fit(x, y, batch_size=8 // replicas, shuffle=False, verbose=0)
         print(
             "RESULT "
             + json.dumps(
@@ -752,6 +768,8 @@ def check_exact(replicas=2):
                     "replicas": replicas,
                     "max_abs_difference": found[True],
                     "without_exact": found[False],
+                    "statistics": found["statistics"],
+                    "one_device_statistics": statistics(single),
                 }
             ),
             flush=True,
