@@ -441,9 +441,57 @@ def test_tensorboard_and_history_carry_the_schedule(tmp_path):
     )
 
 
+def _load_benchmark():
+    from test_examples import _load
+
+    return _load("benchmarks/batch_size_policies.py")
+
+
+@pytest.mark.jax_only  # the benchmark's code is the same on both backends
+def test_benchmark_runs_reuse_one_compilation_exactly():
+    """The benchmark compiles once per optimizer configuration and starts
+    every run from a fresh optimizer's state: a policy run after another
+    on the same compiled model (its callback having switched the transfer
+    on and moved K) gives the trace of its first run, bitwise."""
+    policies = _load_benchmark()
+    outcomes = policies.outcomes
+    setup = policies.Setup(
+        learning_rate=3e-3,
+        weight_decay=0.1,
+        evaluations=2,
+        micro_batches_per_eval=6,
+        warmup=((0, 1), (64, 2), (128, 4)),
+        boundaries=(64, 128, 192),
+        update_freq=4,
+        target=0.1,
+    )
+    task = outcomes.digits_task(quick=True)
+    weights = task.model(1).get_weights()
+    stream = task.stream(1, 12)
+
+    def trace(name, transfer, compiled):
+        mode = policies.policy_mode(setup, name, transfer)
+        model, _ = outcomes.compiled_for(task, mode, compiled)
+        rows, _ = policies.run(task, setup, mode, model, weights, stream, 2)
+        return rows
+
+    shared = {}
+    fresh = trace("seesaw", True, shared)  # compiles
+    other = trace("fixed 8x", True, shared)
+    assert [r["accumulation_steps"] for r in other] == [8, 8]
+    assert trace("seesaw", True, shared) == fresh
+    # K = 1, 1 (to 64 samples), 2 (to 128), 4 from 128 samples (its cycle
+    # ends after 256), 8 from 256: K and updates after 192 and 384 samples.
+    assert [r["accumulation_steps"] for r in fresh] == [4, 8]
+    assert [r["updates"] for r in fresh] == [3, 4]
+
+
 @pytest.mark.slow
 @pytest.mark.jax_only  # the benchmark's code is the same on both backends
 def test_benchmark_quick_mode(tmp_path):
+    """`--quick` on digits: a table with every policy, a target reached
+    (the char-lm task runs the same code on other data, and its own smoke
+    test is outcomes.py's; CI time), the plot."""
     import subprocess
     import sys
 
@@ -454,6 +502,10 @@ def test_benchmark_quick_mode(tmp_path):
             sys.executable,
             os.path.join(root, "benchmarks", "batch_size_policies.py"),
             "--quick",
+            "--tasks",
+            "digits",
+            "--targets",
+            "digits=2.2",
             "--plot",
             str(plot),
         ],
@@ -464,6 +516,10 @@ def test_benchmark_quick_mode(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.rstrip().endswith("benchmark: ok")
-    for policy in ("fixed 256", "warmup", "seesaw", "noise scale"):
-        assert policy in done.stdout
+    assert "## digits:" in done.stdout and "target 2.2 nats" in done.stdout
+    lines = done.stdout.splitlines()
+    for policy in ("fixed 1x", "fixed 8x", "warmup", "seesaw", "noise scale"):
+        assert any(line.startswith(policy) for line in lines), policy
+    (fixed,) = [line for line in lines if line.startswith("fixed 1x")]
+    assert "1/1" in fixed  # the target reached
     assert plot.stat().st_size > 10_000
