@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
     (the mid-cycle file saved on 4 is restored onto 4, 2 and 1)."""
     directory = tmp_path_factory.mktemp("jax_distribution")
     checks = ["data_parallel:2", "data_parallel", "collectives"]
-    checks += ["model_parallel", "save", "monitor", "adaptive"]
+    checks += ["model_parallel", "save", "monitor", "adaptive", "transfer:2"]
     checks += ["restore", "restore:2", "restore:1"]
     results = _run(4, checks, directory)
     return directory, results
@@ -128,6 +128,27 @@ def test_adaptive_accumulation_takes_one_k_on_every_device(runs):
     assert len(r["per_device"]) == 4 and len(set(r["per_device"])) == 1
     expected = r["expected_noise_scale"]
     assert expected / 1.6 <= r["effective_batch"] <= expected * 1.6
+
+
+def test_transfer_state_is_the_same_on_every_device(runs):
+    """K 2 -> 8 under DataParallel on 2 devices: the learning-rate factor
+    (sqrt rule: 2), the effective beta_2 (beta_2**4), the weight-decay
+    factor (tau constant: 4 / 2) and the switches are one value on every
+    device, and the run equals one device's."""
+    _, results = runs
+    (r,) = _select(results, check="transfer")
+    assert r["accumulation_steps"] == 8
+    assert r["learning_rate_factor"] == pytest.approx(2.0)
+    assert r["weight_decay_factor"] == pytest.approx(2.0)
+    assert r["effective_beta_2"] == pytest.approx(r["beta_2"] ** 4, rel=1e-6)
+    assert r["single_device"] == pytest.approx(
+        [2.0, 2.0, r["effective_beta_2"]]
+    )
+    for name, values in r["per_device"].items():
+        assert len(values) == 2 and values[0] == values[1], (name, values)
+    assert r["per_device"]["transfer_beta_2"][0] == 1.0
+    assert r["differing_copies"] == []
+    assert r["max_abs_difference"] <= FLOAT32_ROUNDING
 
 
 def test_two_processes_equal_one_process(tmp_path):

@@ -21,6 +21,9 @@ and compilations per count). Checks:
 - `restore`: that file loaded here (any device count) and carried on.
 - `monitor`: `GradientVarianceMonitor` on the known noise scale.
 - `adaptive`: `AdaptiveAccumulation`: one K on every device.
+- `transfer`: `BatchSizeSchedule` moving K, the learning-rate factor,
+  beta_2 and AdamW's weight decay: the same state on every device, as on
+  one device.
 """
 
 import json
@@ -399,6 +402,75 @@ def check_adaptive(used):
         expected_noise_scale=expected,
         effective_batch=optimizer.accumulation_steps * 4,
         per_device=[int(np.asarray(s.data)) for s in steps.addressable_shards],
+    )
+
+
+def per_device(variable):
+    """The values of a replicated variable's copies, one per device."""
+    return [np.asarray(s.data).tolist() for s in variable.addressable_shards]
+
+
+def transfer_run(distribution, x, y):
+    """AdamW "macro" from K0 = 2, scheduled to K = 8 after 64 samples,
+    beta_2 and the weight decay following K (sqrt rule)."""
+    keras.distribution.set_distribution(distribution)
+    optimizer = kg.AdamW(
+        0.05,
+        weight_decay=0.1,
+        accumulation_steps=2,
+        max_accumulation_steps=8,
+        second_moment="macro",
+    )
+    model = make_model(optimizer)
+    schedule = kg.BatchSizeSchedule([(0, 2), (64, 8)])
+    model.fit(
+        x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False, verbose=0,
+        callbacks=[schedule],
+    )  # fmt: skip
+    keras.distribution.set_distribution(None)
+    return model
+
+
+def check_transfer(used):
+    """The transfer state under DataParallel: K, the learning-rate factor,
+    the weight-decay factor and the beta switches hold one value on every
+    device, and the run equals one device's."""
+    x, y = data()
+    single = transfer_run(None, x, y)
+    model = transfer_run(data_parallel(used), x, y)
+    optimizer = model.optimizer
+    report(
+        check="transfer",
+        devices=used,
+        accumulation_steps=optimizer.accumulation_steps,
+        learning_rate_factor=optimizer.learning_rate_factor,
+        weight_decay_factor=optimizer.weight_decay_factor,
+        effective_beta_2=optimizer.effective_beta_2,
+        beta_2=optimizer.beta_2,
+        single_device=[
+            single.optimizer.learning_rate_factor,
+            single.optimizer.weight_decay_factor,
+            single.optimizer.effective_beta_2,
+        ],
+        per_device={
+            "accumulation_steps": per_device(
+                optimizer._accumulator.steps.value
+            ),
+            "learning_rate_factor": per_device(
+                optimizer._accumulator.learning_rate_factor.value
+            ),
+            "weight_decay_factor": per_device(
+                optimizer._weight_decay_factor.value
+            ),
+            **{
+                f"transfer_{name}": per_device(switch.value)
+                for name, switch in optimizer._transfer_switches.items()
+            },
+        },
+        differing_copies=differing_copies(model),
+        max_abs_difference=max_difference(
+            single.get_weights(), model.get_weights()
+        ),
     )
 
 
