@@ -416,6 +416,9 @@ def test_policies_refuse_what_they_cannot_do():
         kg.Seesaw([10], decay=0.3)
     with pytest.raises(ValueError, match="increase strictly"):
         kg.Seesaw([10, 10])
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([4], [1, 2])
+    with pytest.raises(ValueError, match="`boundaries` must be a sequence"):
+        kg.Seesaw(schedule)
     with pytest.raises(ValueError, match="max_accumulation_steps > 1"):
         optimizer = kg.Adam()
         optimizer.build([keras.Variable(np.zeros(2, "float32"))])

@@ -336,7 +336,14 @@ class Seesaw(BatchSizeSchedule):
         log_dir: str | os.PathLike | None = None,
         verbose: int = 0,
     ) -> None:
-        boundaries = list(boundaries)
+        try:
+            boundaries = list(boundaries)
+        except TypeError:
+            raise ValueError(
+                "`boundaries` must be a sequence of samples seen (ints > 0) "
+                "at which a step decay would cut the learning rate (not a "
+                f"schedule object). Received: boundaries={boundaries!r}"
+            ) from None
         if not boundaries:
             raise ValueError(
                 "`boundaries` must hold at least one number of samples. "
