@@ -3,7 +3,7 @@
 Usage:
 
     python benchmarks/outcomes.py [--quick] [--seeds S] [--tasks T,...]
-                                  [--markdown] [--plot PATH]
+                                  [--markdown] [--plot PATH] [--exact K,...]
 
 Three tasks that ship offline (nothing is downloaded):
 
@@ -39,6 +39,16 @@ highest rate, and paired differences against "macro". With `--plot`, a PNG
 of validation loss against learning rate, one panel per task. `--quick` is
 a smoke test (one seed, two rates, tiny budgets). Prints `benchmark: ok`
 last.
+
+With `--exact K,...` the modes are instead K=1 and, at each K, "macro"
+without and with `kg.exact_accumulation` (`K=k macro exact`: each
+micro-batch weighs by the count its loss was averaged over, its valid
+tokens on padded-tags, so an update is one big batch's). Added: the valid
+entries per micro-batch, the paired differences exact - macro at every
+rate, and how far the mean of means is from the exact gradient on the
+first 8 updates of each seed (one `kg.SGD(1.0)` update each, at the
+initial weights). Meant for `--tasks padded-tags`; on the other tasks
+every micro-batch has the same count (a control).
 
 A mode is a name, an optimizer factory (learning rate -> optimizer) and a
 factory of Keras callbacks, so that a policy that changes K during training
@@ -79,6 +89,9 @@ class Mode:
             modes by it).
         family: `"plain"`, `"keras"`, `"macro"`, `"micro"` or another
             label: the plot's colour.
+        prepare: Optional `model -> None`, applied to the mode's model
+            after `compile` and before the optimizer is built (e.g.
+            `kg.exact_accumulation`); part of the compilation's key.
     """
 
     name: str
@@ -86,6 +99,7 @@ class Mode:
     callbacks: Callable = list
     accumulation_steps: int = 1
     family: str = "plain"
+    prepare: Callable | None = None
 
 
 def standard_modes(ks, with_keras=True):
@@ -135,6 +149,36 @@ def standard_modes(ks, with_keras=True):
                 ),
                 accumulation_steps=k,
                 family="micro*sqrtK",
+            ),
+        ]
+    return modes
+
+
+def exact_modes(ks):
+    """K=1, then for every K in `ks` "macro" without and with
+    `kg.exact_accumulation` (each micro-batch weighs by the count its loss
+    was averaged over, e.g. its valid tokens: one big batch's update)."""
+    import keras_gradtools as kg
+
+    modes = [Mode("K=1", lambda lr: kg.Adam(lr))]
+    for k in ks:
+        modes += [
+            Mode(
+                f"K={k} macro",
+                lambda lr, k=k: kg.Adam(lr, accumulation_steps=k),
+                accumulation_steps=k,
+                family="macro",
+            ),
+            Mode(
+                f"K={k} macro exact",
+                # `exact_accumulation` sets this on the compiled optimizer;
+                # the fresh optimizers of later runs must match it.
+                lambda lr, k=k: kg.Adam(
+                    lr, accumulation_steps=k, weighted_accumulation=True
+                ),
+                accumulation_steps=k,
+                family="exact",
+                prepare=kg.exact_accumulation,
             ),
         ]
     return modes
@@ -527,10 +571,12 @@ def compiled_for(task, mode, compiled):
     the modes that differ only in state, e.g. "micro" and "micro*sqrtK"),
     compiled and added there on first use."""
     optimizer = mode.optimizer(task.learning_rates[0])
-    key = _configuration(optimizer)
+    key = _configuration(optimizer), mode.prepare
     if key not in compiled:
         model = task.model(0)
         model.compile(optimizer=optimizer, loss=_loss())
+        if mode.prepare is not None:
+            mode.prepare(model)
         optimizer.build(model.trainable_variables)
         compiled[key] = model, optimizer
     return compiled[key]
@@ -676,12 +722,18 @@ def task_report(task, modes, results, markdown):
     )
     out.append("")
     comparisons = []
-    for k in task.ks:
+    ks = sorted({mode.accumulation_steps for mode in modes} - {1})
+    for k in ks:
         macro = results.get(f"K={k} macro")
         if macro is None:
             continue
         macro_best = macro[tuned_rate(macro)]
-        for other in (f"K={k} micro", f"K={k} micro*sqrtK", f"K={k} keras"):
+        for other in (
+            f"K={k} micro",
+            f"K={k} micro*sqrtK",
+            f"K={k} keras",
+            f"K={k} macro exact",
+        ):
             if other not in results:
                 continue
             losses = results[other]
@@ -722,7 +774,133 @@ STYLES = {
     "macro": ("C0", "-"),
     "micro": ("C3", "-"),
     "micro*sqrtK": ("C1", "--"),
+    "exact": ("C4", "--"),
 }
+
+
+# ---------------------------------------------- exact accumulation (issue 26)
+
+
+def micro_batch_counts_of(task, x):
+    """Valid (non-zero) entries per micro-batch of the inputs `x`, in the
+    order they are consumed: what a masked loss averages over."""
+    import numpy as np
+
+    m = task.micro_batch
+    real = (np.asarray(x).reshape(len(x), -1) > 0).sum(axis=1)
+    return real[: len(real) // m * m].reshape(-1, m).sum(axis=1)
+
+
+def update_differences(task, k, seeds, streams, initial, updates):
+    """How far the mean of means is from the exact (count-weighted)
+    gradient on the task's first `updates` updates of K micro-batches,
+    each taken at the seed's initial weights: one `kg.SGD(1.0)` update
+    without and with `kg.exact_accumulation` gives minus each gradient.
+    Returns `(relative, cosine)`: lists over seeds and updates of
+    |g_means - g_exact| / |g_exact| and of their cosine."""
+    import numpy as np
+
+    import keras_gradtools as kg
+
+    plain = Mode("sgd", lambda lr: kg.SGD(lr, accumulation_steps=k))
+    exact = Mode(
+        "sgd exact",
+        lambda lr: kg.SGD(lr, accumulation_steps=k, weighted_accumulation=True),
+        prepare=kg.exact_accumulation,
+    )
+    compiled = {}
+    rows = k * task.micro_batch
+    relative, cosine = [], []
+    for seed in seeds:
+        x, y = streams[seed]
+        start = np.concatenate([w.ravel() for w in initial[seed]])
+        for u in range(updates):
+            window = x[u * rows : (u + 1) * rows], y[u * rows : (u + 1) * rows]
+            steps = []
+            for mode in (plain, exact):
+                model, _ = compiled_for(task, mode, compiled)
+                fit_run(task, mode, 1.0, model, initial[seed], window)
+                end = np.concatenate([w.ravel() for w in model.get_weights()])
+                steps.append((start - end).astype("float64"))
+            means, weighted = steps
+            relative.append(
+                np.linalg.norm(means - weighted) / np.linalg.norm(weighted)
+            )
+            cosine.append(
+                means
+                @ weighted
+                / (np.linalg.norm(means) * np.linalg.norm(weighted))
+            )
+    return relative, cosine
+
+
+def exact_report(task, modes, results, streams, differences, markdown):
+    """The exact-accumulation comparison's extra tables as text: the
+    micro-batches' counts, the paired differences exact - macro at every
+    rate and the gradients' difference on the first updates."""
+    import numpy as np
+
+    scale = task.scale
+    out = []
+    counts = np.concatenate(
+        [micro_batch_counts_of(task, x) for x, _ in streams.values()]
+    )
+    out.append(
+        f"{task.name}: valid entries per micro-batch of {task.micro_batch}: "
+        f"median {np.median(counts):g}, range {counts.min()}-{counts.max()}"
+    )
+    for k in sorted({mode.accumulation_steps for mode in modes} - {1}):
+        groups = counts[: len(counts) // k * k].reshape(-1, k)
+        ratio = groups.max(axis=1) / np.maximum(groups.min(axis=1), 1)
+        out.append(
+            f"{task.name}: K={k}: largest / smallest count within an "
+            f"update: median {np.median(ratio):.1f}, range "
+            f"{ratio.min():.1f}-{ratio.max():.1f}"
+        )
+    out.append("")
+    rows = []
+    for k in sorted({mode.accumulation_steps for mode in modes} - {1}):
+        macro, exact = (
+            results.get(f"K={k} macro"),
+            results.get(f"K={k} macro exact"),
+        )
+        if macro is None or exact is None:
+            continue
+        rows.append(
+            [f"K={k} exact - macro"]
+            + [
+                paired_cell(exact[lr], macro[lr], scale)
+                for lr in task.learning_rates
+            ]
+        )
+    if rows:
+        out.append(
+            f"{task.name}: paired differences exact - macro at every rate "
+            f"({task.unit}; negative: exact better), median (range) over "
+            "seeds"
+        )
+        out.append("")
+        out.append(
+            report.format_table(
+                ["difference"] + [f"lr {lr:g}" for lr in task.learning_rates],
+                rows,
+                markdown,
+            )
+        )
+        out.append("")
+    for k, (relative, cosine) in differences.items():
+        low, median, high = report.summary(relative)
+        c_low, c_median, c_high = report.summary(cosine)
+        out.append(
+            f"{task.name}: K={k}: the accumulated gradient, mean of means "
+            f"against exact, on the first updates at the initial weights "
+            f"({len(relative)} updates): |difference| / |exact| median "
+            f"{median:.3f} (range {low:.3f}-{high:.3f}); cosine median "
+            f"{c_median:.3f} (range {c_low:.3f}-{c_high:.3f})"
+        )
+    if differences:
+        out.append("")
+    return "\n".join(out)
 
 
 def plot(tasks, modes_by_task, results_by_task, path):
@@ -801,6 +979,13 @@ def main(argv=None):
     parser.add_argument(
         "--verbose", action="store_true", help="print every run's loss"
     )
+    parser.add_argument(
+        "--exact",
+        default=None,
+        metavar="K,...",
+        help="instead of micro against macro, compare at these K 'macro' "
+        "without and with kg.exact_accumulation (beside K=1)",
+    )
     args = parser.parse_args(argv)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
@@ -810,7 +995,15 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
-    print("# Training outcomes: Adam micro vs macro at an equal sample budget")
+    print(
+        "# Training outcomes: "
+        + (
+            "Adam macro without and with exact accumulation"
+            if args.exact
+            else "Adam micro vs macro"
+        )
+        + " at an equal sample budget"
+    )
     print()
     print("command: " + shlex.join(["python", "benchmarks/outcomes.py", *argv]))
     print(
@@ -827,7 +1020,11 @@ def main(argv=None):
     tasks, modes_by_task, results_by_task = [], {}, {}
     for name in names:
         task = TASKS[name](args.quick)
-        modes = standard_modes(task.ks, task.with_keras)
+        exact_ks = [int(k) for k in (args.exact or "").split(",") if k]
+        if exact_ks:
+            modes = exact_modes(exact_ks)
+        else:
+            modes = standard_modes(task.ks, task.with_keras)
         start = time.perf_counter()
         initial = {seed: task.model(seed).get_weights() for seed in seeds}
         streams = {
@@ -851,6 +1048,18 @@ def main(argv=None):
         )
         print()
         print(task_report(task, modes, results, args.markdown))
+        if exact_ks:
+            differences = {
+                k: update_differences(
+                    task, k, seeds, streams, initial, updates=8
+                )
+                for k in exact_ks
+            }
+            print(
+                exact_report(
+                    task, modes, results, streams, differences, args.markdown
+                )
+            )
         keras.utils.clear_session()
         tasks.append(task)
         modes_by_task[task.name] = modes

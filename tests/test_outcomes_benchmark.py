@@ -191,3 +191,27 @@ def test_a_factory_that_changes_the_configuration_is_refused():
             kg.Adam(1e-3, accumulation_steps=8, second_moment="macro"),
             [],
         )
+
+
+@pytest.mark.slow
+def test_exact_mode_weighs_the_padded_micro_batches_by_their_tokens():
+    """`--exact`: "macro exact" gets its own compilation (its `prepare`,
+    `kg.exact_accumulation`, is part of the key) and its update differs from
+    the mean of means when the micro-batches' valid tokens differ, and
+    equals it when they are equal."""
+    task = outcomes.padded_tags_task(quick=True)
+    modes = {m.name: m for m in outcomes.exact_modes((4,))}
+    assert modes["K=4 macro exact"].prepare is not None
+    initial = {0: task.model(0).get_weights()}
+    x, y = task.stream(0, 8)
+    counts = outcomes.micro_batch_counts_of(task, x)
+    assert counts.max() > 2 * counts.min()
+    relative, cosine = outcomes.update_differences(
+        task, 4, [0], {0: (x, y)}, initial, updates=2
+    )
+    assert min(relative) > 0.01 and max(cosine) < 1
+    equal = np.where(np.arange(x.shape[1]) < 5, np.maximum(x, 1), 0)
+    same, _ = outcomes.update_differences(
+        task, 4, [0], {0: (equal, y)}, initial, updates=1
+    )
+    assert same[0] < 1e-4
