@@ -195,3 +195,37 @@ def test_sparse_gradient_with_nan_is_refused_with_raise(rng):
         optimizer.apply([grad], [variable])
     np.testing.assert_array_equal(variable.numpy(), np.ones((5, 3)))
     assert int(optimizer.iterations) == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"second_moment": "micro"},
+        {"global_clipnorm": 1.0, "noise_eta": 1e-3},
+        {"track_gradient_statistics": True},
+        {"weighted_accumulation": True},
+    ],
+    ids=["micro", "clip_noise", "statistics", "weighted"],
+)
+def test_state_keeps_its_types_so_fit_compiles_once(options):
+    """Every optimizer variable keeps its dtype, weak type and shape over
+    a step: a changed type (a weakly typed int written into an int32
+    counter) made JAX compile the step again at the next `fit`."""
+    import jax
+
+    optimizer = kg.Adam(1e-3, accumulation_steps=4, **options)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+
+    def signature():
+        return {
+            v.path: (str(v.value.dtype), v.value.weak_type, v.value.shape)
+            for v in optimizer.variables
+        }
+
+    before = signature()
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 2), "float32")
+    model.fit(x, y, batch_size=8, verbose=0)
+    assert signature() == before
+    assert isinstance(optimizer.variables[0].value, jax.Array)

@@ -341,6 +341,9 @@ class GradientAccumulator:
         if self.cycle_samples is None:
             return
         recorded = ops.convert_to_tensor(self.cycle_samples)
+        # Typed: from the Python int, JAX makes a weakly typed value, and a
+        # state whose type changes makes the next `fit` compile again.
+        samples = ops.convert_to_tensor(samples, "int32")
         agreed = ops.where(ops.equal(recorded, samples), samples, -1)
         self.cycle_samples.assign(ops.where(first, samples, agreed))
 
