@@ -281,17 +281,10 @@ class Adam(GradientPipelineOptimizer):
                 ),
             )
 
-    def update_step(
-        self, gradient, variable, learning_rate, micro_batch_variance=None
-    ):
-        index = self._variable_index(variable)
-        m = self._momentums[index]
-        v = self._velocities[index]
-        # The moments' dtype: float32 for a narrower variable (see
-        # `add_variable_from_reference`), whose step is cast at the end.
-        dtype = m.dtype
+    def _step_scalars(self, learning_rate, dtype):
+        """`(alpha, 1 - beta_1_eff, 1 - beta_2_eff)` of this update (the
+        same for every variable of `dtype`)."""
         lr = ops.cast(learning_rate, dtype)
-        gradient = ops.cast(gradient, dtype)
         local_step = ops.cast(self.iterations + 1, dtype)
         if self._reads_micro_variance:
             # The cycle's K micro-batches advance v by K steps; over all
@@ -319,6 +312,22 @@ class Adam(GradientPipelineOptimizer):
             ops.cast(self.beta_2, dtype), second_moment_steps
         )
         alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        return alpha, one_minus_beta_1, one_minus_beta_2
+
+    def update_step(
+        self, gradient, variable, learning_rate, micro_batch_variance=None
+    ):
+        index = self._variable_index(variable)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        # The moments' dtype: float32 for a narrower variable (see
+        # `add_variable_from_reference`), whose step is cast at the end.
+        dtype = m.dtype
+        gradient = ops.cast(gradient, dtype)
+        alpha, one_minus_beta_1, one_minus_beta_2 = self._once_per_update(
+            ("adam", str(dtype)),
+            lambda: self._step_scalars(learning_rate, dtype),
+        )
 
         if micro_batch_variance is None:
             second = ops.square(gradient)

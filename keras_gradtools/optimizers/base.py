@@ -723,14 +723,32 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         """Weight decay and the update rule for each variable, the weights'
         moving average, then the variables' constraints (Keras's order)."""
         learning_rate = self._scaled_learning_rate()
-        for grad, variable, variance in zip(grads, variables, micro_variances):
-            self._apply_rule_to_variable(
-                grad, variable, learning_rate, variance
-            )
+        object.__setattr__(self, "_update_scalars", {})
+        try:
+            for grad, variable, variance in zip(
+                grads, variables, micro_variances
+            ):
+                self._apply_rule_to_variable(
+                    grad, variable, learning_rate, variance
+                )
+        finally:
+            object.__setattr__(self, "_update_scalars", None)
         if self.use_ema:
             self._update_moving_averages()
         for variable in variables:
             self._apply_constraint(variable)
+
+    def _once_per_update(self, key, compute):
+        """`compute()`, computed once per update for all the variables that
+        ask with the same `key` (a rule's scalars: its step size, its
+        decays), not once per variable: a model with hundreds of tensors
+        would otherwise trace and compile hundreds of copies."""
+        scalars = getattr(self, "_update_scalars", None)
+        if scalars is None:
+            return compute()
+        if key not in scalars:
+            scalars[key] = compute()
+        return scalars[key]
 
     def _apply_rule_to_variable(self, grad, variable, learning_rate, variance):
         self._decay_weight(variable, learning_rate)
@@ -745,22 +763,29 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
 
     def _decay_weight(self, variable, learning_rate):
         if self.weight_decay and private_api.uses_weight_decay(self, variable):
-            lr = ops.cast(learning_rate, variable.dtype)
-            wd = ops.cast(self.weight_decay, variable.dtype)
-            factor = getattr(self, "_weight_decay_factor", None)
-            if factor is not None:
-                # Moved with K by a batch-size policy (Adam, AdamW; 1 until
-                # then, which leaves `wd` as it is).
-                factor = ops.convert_to_tensor(factor)
-                wd = ops.where(
-                    ops.equal(factor, 1.0),
-                    wd,
-                    ops.cast(
-                        ops.multiply(float(self.weight_decay), factor),
-                        variable.dtype,
-                    ),
-                )
+            wd, lr = self._once_per_update(
+                ("weight_decay", str(variable.dtype)),
+                lambda: self._weight_decay_scalars(
+                    learning_rate, variable.dtype
+                ),
+            )
             self.assign(variable, variable - variable * wd * lr)
+
+    def _weight_decay_scalars(self, learning_rate, dtype):
+        """`(weight_decay, learning_rate)` of this update in `dtype`."""
+        lr = ops.cast(learning_rate, dtype)
+        wd = ops.cast(self.weight_decay, dtype)
+        factor = getattr(self, "_weight_decay_factor", None)
+        if factor is not None:
+            # Moved with K by a batch-size policy (Adam, AdamW; 1 until
+            # then, which leaves `wd` as it is).
+            factor = ops.convert_to_tensor(factor)
+            wd = ops.where(
+                ops.equal(factor, 1.0),
+                wd,
+                ops.cast(ops.multiply(float(self.weight_decay), factor), dtype),
+            )
+        return wd, lr
 
     def update_step(
         self, gradient, variable, learning_rate, micro_batch_variance=None
