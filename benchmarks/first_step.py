@@ -1,0 +1,157 @@
+"""Time to the first `fit` step on a deep MLP, and what in the pipeline it
+goes to (a diagnosis for issue 25; docs/performance.md).
+
+Each configuration runs in a fresh process (nothing compiled is shared):
+a 61-layer MLP (122 tensors), `fit(jit_compile=True)` for one step, timed
+from the call to its return, then a second step. Besides the shipped
+configurations, two diagnostic ones replace a piece of the pipeline in
+that process only:
+
+- `finite check fused`: the check as one reduction over all gradients
+  (`all(isfinite(concatenate(flattened)))`) instead of a sum per tensor
+  with an exact fallback behind a conditional;
+- `gate off`: the check is still computed (and counted) but the update no
+  longer waits for it (not a valid configuration: it measures what the
+  dependence of every write on the check costs).
+
+    KERAS_BACKEND=tensorflow python -m benchmarks.first_step [--markdown]
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+CONFIGURATIONS = (
+    "keras adam",
+    "keras accumulation K=4",
+    "ours K=1",
+    "ours K=1 on_nonfinite=apply",
+    "ours K=1 finite check fused",
+    "ours K=1 gate off",
+    "ours K=4 macro",
+    "ours K=4 micro",
+    "ours K=4 clip+noise+statistics",
+)
+
+
+def _optimizer(configuration):
+    import keras
+
+    import keras_gradtools as kg
+
+    if configuration == "keras adam":
+        return keras.optimizers.Adam(1e-3)
+    if configuration == "keras accumulation K=4":
+        return keras.optimizers.Adam(1e-3, gradient_accumulation_steps=4)
+    if configuration == "ours K=1 on_nonfinite=apply":
+        return kg.Adam(1e-3, on_nonfinite="apply")
+    if configuration == "ours K=4 macro":
+        return kg.Adam(1e-3, accumulation_steps=4)
+    if configuration == "ours K=4 micro":
+        return kg.Adam(1e-3, accumulation_steps=4, second_moment="micro")
+    if configuration == "ours K=4 clip+noise+statistics":
+        return kg.Adam(
+            1e-3,
+            accumulation_steps=4,
+            global_clipnorm=1.0,
+            noise_eta=1e-3,
+            track_gradient_statistics=True,
+        )
+    return kg.Adam(1e-3)
+
+
+def _diagnostic_patch(configuration):
+    """Replaces one piece of the pipeline in this process (diagnosis)."""
+    from keras import ops
+
+    from keras_gradtools import transforms
+    from keras_gradtools.optimizers import base
+
+    if configuration.endswith("finite check fused"):
+
+        def all_finite(tensors, partial_sums=None):
+            del partial_sums
+            flat = ops.concatenate([ops.reshape(t, (-1,)) for t in tensors])
+            return ops.all(ops.isfinite(flat))
+
+        transforms.all_finite = all_finite
+    if configuration.endswith("gate off"):
+
+        def run_ungated(self, gate, fn):
+            del self, gate
+            fn()
+
+        base.GradientPipelineOptimizer._run_gated = run_ungated
+
+
+def run_one(configuration):
+    """Times the first and second `fit` step in this process."""
+    import keras
+    import numpy as np
+
+    _diagnostic_patch(configuration)
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((32,))]
+    layers += [keras.layers.Dense(32, activation="relu") for _ in range(60)]
+    model = keras.Sequential(layers + [keras.layers.Dense(10)])
+    model.compile(
+        optimizer=_optimizer(configuration),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 32), dtype="float32")
+    y = rng.integers(0, 10, 64)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+        times.append(time.perf_counter() - start)
+    print(f"RESULT {times[0]:.3f} {times[1]:.4f}", flush=True)
+
+
+def measure(configuration):
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.first_step", "--one", configuration],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    for line in completed.stdout.splitlines():
+        if line.startswith("RESULT "):
+            first, second = line.split()[1:]
+            return float(first), float(second)
+    raise RuntimeError(completed.stderr[-3000:])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--configurations", default=",".join(CONFIGURATIONS))
+    args = parser.parse_args(argv)
+    if args.one:
+        run_one(args.one)
+        return
+    import keras
+
+    rows = [(c, *measure(c)) for c in args.configurations.split(",")]
+    reference = rows[0][1]
+    print(f"backend: {keras.backend.backend()}; 61-layer MLP, 122 tensors")
+    if args.markdown:
+        print("| configuration | first step (s) | vs first row | second (s) |")
+        print("| --- | ---: | ---: | ---: |")
+    for name, first, second in rows:
+        ratio = first / reference
+        if args.markdown:
+            print(f"| {name} | {first:.1f} | {ratio:.2f}x | {second:.3f} |")
+        else:
+            print(f"{name:32s} {first:7.1f} s  {ratio:5.2f}x  {second:.3f} s")
+    print("benchmark: ok")
+
+
+if __name__ == "__main__":
+    main()
