@@ -14,7 +14,7 @@ that process only:
   longer waits for it (not a valid configuration: it measures what the
   dependence of every write on the check costs).
 
-    KERAS_BACKEND=tensorflow python -m benchmarks.first_step [--markdown]
+    KERAS_BACKEND=tensorflow python benchmarks/first_step.py [--markdown]
 """
 
 import argparse
@@ -86,7 +86,7 @@ def _diagnostic_patch(configuration):
         base.GradientPipelineOptimizer._run_gated = run_ungated
 
 
-def run_one(configuration):
+def run_one(configuration, hidden_layers):
     """Times the first and second `fit` step in this process."""
     import keras
     import numpy as np
@@ -94,7 +94,9 @@ def run_one(configuration):
     _diagnostic_patch(configuration)
     keras.utils.set_random_seed(0)
     layers = [keras.Input((32,))]
-    layers += [keras.layers.Dense(32, activation="relu") for _ in range(60)]
+    layers += [
+        keras.layers.Dense(32, activation="relu") for _ in range(hidden_layers)
+    ]
     model = keras.Sequential(layers + [keras.layers.Dense(10)])
     model.compile(
         optimizer=_optimizer(configuration),
@@ -112,9 +114,16 @@ def run_one(configuration):
     print(f"RESULT {times[0]:.3f} {times[1]:.4f}", flush=True)
 
 
-def measure(configuration):
+def measure(configuration, hidden_layers):
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.first_step", "--one", configuration],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--one",
+            configuration,
+            "--hidden-layers",
+            str(hidden_layers),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -131,16 +140,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 6-layer MLP, Keras's Adam and ours K=1 (a smoke test)",
+    )
+    parser.add_argument("--hidden-layers", type=int, default=60)
     parser.add_argument("--configurations", default=",".join(CONFIGURATIONS))
     args = parser.parse_args(argv)
     if args.one:
-        run_one(args.one)
+        run_one(args.one, args.hidden_layers)
         return
     import keras
 
-    rows = [(c, *measure(c)) for c in args.configurations.split(",")]
+    configurations = args.configurations.split(",")
+    if args.quick:
+        args.hidden_layers = 5
+        configurations = [CONFIGURATIONS[0], CONFIGURATIONS[2]]
+    rows = [(c, *measure(c, args.hidden_layers)) for c in configurations]
     reference = rows[0][1]
-    print(f"backend: {keras.backend.backend()}; 61-layer MLP, 122 tensors")
+    layers = args.hidden_layers + 1
+    print(
+        f"backend: {keras.backend.backend()}; {layers}-layer MLP, "
+        f"{2 * layers} tensors"
+    )
     if args.markdown:
         print("| configuration | first step (s) | vs first row | second (s) |")
         print("| --- | ---: | ---: | ---: |")

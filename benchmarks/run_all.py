@@ -32,6 +32,7 @@ SCRIPTS = (
     ("jax_step_cost.py", "jax"),
     ("fit_throughput.py", "jax"),
     ("jax_allreduce.py", "jax"),
+    ("first_step.py", "jax"),
     ("scaling.py", None),  # runs each backend itself
 )
 

@@ -45,6 +45,7 @@ BENCHMARKS = {
             "peak RSS in fit MiB",
         ],
         "jax_allreduce.py": ["all-reduce ms", "local s + g ms"],
+        "first_step.py": ["6-layer MLP", "keras adam", "ours K=1"],
     },
 }
 
