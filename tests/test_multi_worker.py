@@ -201,3 +201,29 @@ def test_only_the_chief_writes_summaries(multi_worker_fit):
         # One event file per run directory from each job's chief (the
         # interrupted one and the resumed one); none from worker 1.
         assert len(files) == 2, (run, files)
+
+
+@pytest.mark.slow
+def test_exact_accumulation_across_workers():
+    """Two workers whose shards hold unequal valid tokens: with
+    `exact_accumulation` each update equals Keras's SGD on the big batch
+    on one device, at K = 1 and K = 2 (each worker's count summed)."""
+    ports = [str(free_port()), str(free_port())]
+    script = os.path.join(SCRIPTS, "multi_worker_exact_run.py")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, script, str(i), *ports],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = finish(workers, timeout=300)
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-4000:]
+    results = [r for stdout, _ in outputs for r in parse_results(stdout)]
+    assert sorted(r["worker"] for r in results) == [0, 1]
+    for result in results:
+        for k, difference in result["differences"].items():
+            assert difference <= 1e-6, (k, result)
