@@ -102,6 +102,12 @@ def gradient_statistics(micro_grads):
         sum(np.sum((s2 - s * s / k) / (k - 1)) for s, s2 in zip(sums, squares))
     )
     mean_sq = float(sum(np.sum((s / k) ** 2) for s in sums))
+    return _statistics(variance, mean_sq, k)
+
+
+def _statistics(variance, mean_sq, k):
+    """The reported statistics from the micro-batch variance, |g_bar|^2 and
+    the number of micro-batches."""
     mean_norm_sq = mean_sq - variance / k
     return {
         "variance": variance,
@@ -131,15 +137,7 @@ def weighted_gradient_statistics(micro_grads, weights):
         sum(w * sum(np.sum(x * x) for x in g) for g, (_, w) in zip(grads, kept))
     )
     trace = (weighted_sq - total * mean_sq) / (k - 1)
-    variance = trace * k / total
-    mean_norm_sq = mean_sq - variance / k
-    return {
-        "variance": variance,
-        "mean_norm_sq": mean_norm_sq,
-        "noise_scale": variance / mean_norm_sq,
-        "snr": mean_norm_sq / (variance / k),
-        "grad_norm": float(np.sqrt(mean_sq)),
-    }
+    return _statistics(trace * k / total, mean_sq, k)
 
 
 # ----------------------------------------------------------------------

@@ -28,14 +28,15 @@ from test_distributed import _one
 pytestmark = pytest.mark.tensorflow_only
 
 
-@pytest.fixture(scope="module")
-def multi_worker(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("multi_worker")
+def _run_two_workers(script, *extra):
+    """Runs `script INDEX PORT_0 PORT_1 *extra` as two worker processes on
+    127.0.0.1 (bounded in time; both must succeed) and returns their
+    `RESULT` objects."""
     ports = [str(free_port()), str(free_port())]
-    script = os.path.join(SCRIPTS, "multi_worker_run.py")
     workers = [
         subprocess.Popen(
-            [sys.executable, script, str(i), *ports, str(directory)],
+            [sys.executable, os.path.join(SCRIPTS, script), str(i), *ports]
+            + list(extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -45,8 +46,13 @@ def multi_worker(tmp_path_factory):
     outputs = finish(workers, timeout=300)
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-4000:]
-    results = [r for stdout, _ in outputs for r in parse_results(stdout)]
-    return directory, results
+    return [r for stdout, _ in outputs for r in parse_results(stdout)]
+
+
+@pytest.fixture(scope="module")
+def multi_worker(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("multi_worker")
+    return directory, _run_two_workers("multi_worker_run.py", str(directory))
 
 
 @pytest.mark.slow
@@ -208,21 +214,7 @@ def test_exact_accumulation_across_workers():
     """Two workers whose shards hold unequal valid tokens: with
     `exact_accumulation` each update equals Keras's SGD on the big batch
     on one device, at K = 1 and K = 2 (each worker's count summed)."""
-    ports = [str(free_port()), str(free_port())]
-    script = os.path.join(SCRIPTS, "multi_worker_exact_run.py")
-    workers = [
-        subprocess.Popen(
-            [sys.executable, script, str(i), *ports],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = finish(workers, timeout=300)
-    for worker, (_, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-4000:]
-    results = [r for stdout, _ in outputs for r in parse_results(stdout)]
+    results = _run_two_workers("multi_worker_exact_run.py")
     assert sorted(r["worker"] for r in results) == [0, 1]
     for result in results:
         for k, difference in result["differences"].items():
