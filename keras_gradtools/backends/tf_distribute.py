@@ -191,7 +191,7 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables, weight):
         if optimizer.weighted_accumulation:
             # Each replica's h_r = R g_r, weighted: sum w_r h_r over the
             # replicas, divided by sum w_r after the all-reduce.
-            weight = ops.where(local.weighs, weight, 0.0)
+            weight = local.weight
             scale = weight * float(replicas)
             grads = [g * scale for g in grads]
             if norms is not None:

@@ -232,8 +232,8 @@ class GradientAccumulator:
                 their sums.
             count: What this micro-batch adds to the count (1/R on each of
                 R replicas).
-            weight: With `weighted`, this micro-batch's count w (scalar
-                float32, finite and >= 0: the caller checks): the sums take
+            weight: With `weighted`, this micro-batch's count w (a float32
+                scalar, finite and >= 0: the caller checks): the sums take
                 `w * grads / count` (the samples' mean gradient, weighted).
 
         The sums of variables without a gradient here restart with the
@@ -242,10 +242,6 @@ class GradientAccumulator:
         backend = self._owner._backend
         scale = square_scale = None
         if self.weighted:
-            weight = ops.cast(
-                ops.convert_to_tensor(1.0 if weight is None else weight),
-                "float32",
-            )
             unit = ops.full((), count, "float32")
             scale = ops.divide(weight, unit)
             square_scale = ops.divide(scale, unit)

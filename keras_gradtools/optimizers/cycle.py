@@ -43,14 +43,21 @@ class LocalHalf:
     their squared norms (or `None`), whether they are finite (or `None`
     when nothing was checked) and the cycle flags `(first, last, steps)`."""
 
-    def __init__(self, grads, norms, finite, flags, weighs=None):
+    def __init__(self, grads, norms, finite, flags, weight=None):
         self.grads = grads
         self.norms = norms
         self.finite = finite
         self.flags = flags
-        # `None`, or whether the micro-batch's count is above zero (a
-        # micro-batch of only padding moves nothing).
-        self.weighs = weighs
+        # `None`, or the micro-batch's count, 0 where it was not usable.
+        self.weight = weight
+
+    @property
+    def weighs(self):
+        """`None`, or whether the count is above zero (a micro-batch of
+        only padding moves nothing)."""
+        if self.weight is None:
+            return None
+        return ops.greater(self.weight, 0.0)
 
 
 def _and(a, b):
@@ -148,8 +155,9 @@ class CycleDriver:
             clip: Whether `clip_micro_batches` may clip here (not on a
                 replica's share of a gradient that is summed later).
             weight: With `weighted_accumulation`, the micro-batch's count
-                (scalar; `None` counts 1). A count that is not finite or
-                below zero is refused like a non-finite gradient.
+                (a float32 scalar, as `apply` passes it). A count that is
+                not finite or below zero is refused like a non-finite
+                gradient, and weighs 0.
 
         Returns:
             A `LocalHalf`.
@@ -170,22 +178,17 @@ class CycleDriver:
                 [sparse.values_of(g) for g in grads]
             )
         finite = None
-        weighs = None
+        usable = None
         if optimizer.weighted_accumulation:
-            weight = ops.cast(
-                ops.convert_to_tensor(1.0 if weight is None else weight),
-                "float32",
-            )
             usable = ops.logical_and(
                 ops.isfinite(weight), ops.greater_equal(weight, 0.0)
             )
             weight = ops.where(usable, weight, 0.0)
-            weighs = ops.greater(weight, 0.0)
         if optimizer.on_nonfinite == "skip" and grads:
             finite = transforms.all_finite(
                 [sparse.values_of(g) for g in grads], partial_sums=norms
             )
-            if weighs is not None:
+            if usable is not None:
                 finite = ops.logical_and(finite, usable)
             accumulator.count_skipped(finite, keeper)
         if keeper is not None:
@@ -204,7 +207,7 @@ class CycleDriver:
                 count=count,
                 weight=weight,
             )
-        return LocalHalf(grads, norms, finite, flags, weighs)
+        return LocalHalf(grads, norms, finite, flags, weight)
 
     @property
     def _reads_micro_batch_norms(self):
