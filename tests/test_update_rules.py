@@ -326,19 +326,6 @@ def test_gradient_statistics_match_reference(rule, mode):
         assert reference.clipped_any
 
 
-def test_gradient_statistics_reference_formulas():
-    """The reference statistics on a hand-computable case: two
-    micro-batches [1, 3] and [3, 5] -> mean [2, 4], s^2 = [2, 2]."""
-    stats = ref.gradient_statistics(
-        [[np.array([1.0, 3.0])], [np.array([3.0, 5.0])]]
-    )
-    assert stats["variance"] == pytest.approx(4.0)
-    assert stats["mean_norm_sq"] == pytest.approx(20.0 - 2.0)
-    assert stats["noise_scale"] == pytest.approx(4.0 / 18.0)
-    assert stats["snr"] == pytest.approx(18.0 / 2.0)
-    assert stats["grad_norm"] == pytest.approx(np.sqrt(20.0))
-
-
 # ----------------------------------------------------------------------
 # Noise.
 
