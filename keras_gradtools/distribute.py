@@ -19,7 +19,8 @@ replicas; and the first-batch reduction, which no public hook reaches, is
 skipped by handing Keras's build this worker's part of the batch (the build
 needs only shapes and dtypes). That one private touch, and a check that
 Keras still works the way it relies on, live in
-`keras_gradtools/backends/private_api.py`.
+`keras_gradtools/backends/private_api.py`; the rest of its TensorFlow, in
+`keras_gradtools/backends/tf_multi_worker.py`.
 
 This works for any optimizer, Keras's own included. On JAX, Keras's
 maintainers recommend `keras.distribution` for many devices and hosts, which
@@ -91,7 +92,7 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
     >>> keras_gradtools.distribute.enable_multi_worker_fit(model)
     >>> model.fit(x, y, batch_size=64, validation_data=(xv, yv))
     """
-    import tensorflow as tf
+    from keras_gradtools.backends import tf_multi_worker
 
     if getattr(model, _ENABLED, False):
         return model
@@ -100,13 +101,13 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
             "Call `model.compile(...)` before `enable_multi_worker_fit`."
         )
     strategy = model.distribute_strategy
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if not tf_multi_worker.is_multi_worker_mirrored(strategy):
         raise ValueError(
             "`enable_multi_worker_fit` is for a model created under "
             "`tf.distribute.MultiWorkerMirroredStrategy().scope()`; this "
             f"model's strategy is {type(strategy).__name__}."
         )
-    if model.jit_compile and not tf.config.list_logical_devices("GPU"):
+    if model.jit_compile and not tf_multi_worker.has_gpus():
         raise ValueError(
             "jit_compile=True cannot work under MultiWorkerMirroredStrategy "
             "on CPUs: XLA compiles no collectives for CPU devices "
@@ -123,30 +124,12 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
         )
     private_api.check_multi_worker_fit_internals(model)
     private_api.skip_first_batch_reduction(model, strategy)
-    model.train_step = _logs_with_shape_1(model.train_step)
-    model.test_step = _logs_with_shape_1(model.test_step)
+    model.train_step = tf_multi_worker.logs_with_shape_1(model.train_step)
+    model.test_step = tf_multi_worker.logs_with_shape_1(model.test_step)
     model.make_train_function(force=True)
     model.make_test_function(force=True)
     object.__setattr__(model, _ENABLED, True)
     return model
-
-
-def _logs_with_shape_1(step):
-    """Wraps a `train_step`/`test_step` so that scalar logs have shape [1]:
-    Keras reduces them across replicas along axis 0, to their mean."""
-    import tensorflow as tf
-
-    def with_shape_1(value):
-        if isinstance(value, (int, float, np.number)) or (
-            tf.is_tensor(value) and value.shape.rank == 0
-        ):
-            return tf.reshape(value, [1])
-        return value
-
-    def wrapped(data):
-        return keras.tree.map_structure(with_shape_1, step(data))
-
-    return wrapped
 
 
 def is_chief(strategy=None) -> bool:
@@ -157,20 +140,15 @@ def is_chief(strategy=None) -> bool:
     Args:
         strategy: A `tf.distribute.Strategy`; defaults to the current one.
     """
-    import tensorflow as tf
+    from keras_gradtools.backends import tf_multi_worker
 
-    strategy = strategy or tf.distribute.get_strategy()
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+    task = tf_multi_worker.task(strategy)
+    if task is None:
         return True
-    cluster = resolver.cluster_spec().as_dict()
-    if resolver.task_type == "chief":
+    task_type, task_id, cluster = task
+    if task_type == "chief":
         return True
-    return (
-        resolver.task_type == "worker"
-        and resolver.task_id == 0
-        and "chief" not in cluster
-    )
+    return task_type == "worker" and task_id == 0 and "chief" not in cluster
 
 
 def worker_path(path, strategy=None) -> str:
@@ -185,13 +163,13 @@ def worker_path(path, strategy=None) -> str:
         path: A directory of the job.
         strategy: A `tf.distribute.Strategy`; defaults to the current one.
     """
-    import tensorflow as tf
+    from keras_gradtools.backends import tf_multi_worker
 
-    strategy = strategy or tf.distribute.get_strategy()
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+    task = tf_multi_worker.task(strategy)
+    if task is None:
         return os.path.join(path, "single")
-    return os.path.join(path, f"{resolver.task_type}_{resolver.task_id}")
+    task_type, task_id, _ = task
+    return os.path.join(path, f"{task_type}_{task_id}")
 
 
 def keras_fit_fails_under_multi_worker(strategy) -> bool:
@@ -207,7 +185,7 @@ def keras_fit_fails_under_multi_worker(strategy) -> bool:
         True if a one-step `fit` of a tiny model raised a known error,
         False if it trained.
     """
-    import tensorflow as tf
+    from keras_gradtools.backends import tf_multi_worker
 
     with strategy.scope():
         probe = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
@@ -218,7 +196,7 @@ def keras_fit_fails_under_multi_worker(strategy) -> bool:
     x = np.ones((n, 1), "float32")
     try:
         probe.fit(x, x, batch_size=n, epochs=1, verbose=0, shuffle=False)
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+    except tf_multi_worker.fit_errors() as error:
         message = str(error)
         if any(all(s in message for s in known) for known in KNOWN_FAILURES):
             return True

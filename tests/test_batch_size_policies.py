@@ -17,7 +17,7 @@ from helpers import tiny_classifier
 from keras import ops
 
 import keras_gradtools as kg
-from keras_gradtools.callbacks import backend_hooks
+from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks.transfer import HyperparameterTransfer
 
 FIXTURES = os.path.join(
@@ -40,7 +40,7 @@ class _UpdateRecorder(keras.callbacks.Callback):
         self._last = None
 
     def on_train_batch_end(self, batch, logs=None):
-        backend_hooks.sync_state(self.model)
+        callback_hooks.sync_state(self.model)
         optimizer = self.model.optimizer
         updates = _int(optimizer.iterations)
         if self._last is not None and updates != self._last:

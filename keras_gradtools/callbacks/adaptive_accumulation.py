@@ -17,7 +17,7 @@ from typing import Literal
 import keras
 import numpy as np
 
-from keras_gradtools.callbacks import backend_hooks
+from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import transfer as transfer_lib
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     _pipeline_optimizer,
@@ -189,7 +189,7 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
         if not optimizer.track_gradient_statistics:
             optimizer.enable_gradient_statistics()
             self.model.make_train_function(force=True)
-        self._batch_size = backend_hooks.record_batch_size(self.model)
+        self._batch_size = callback_hooks.record_batch_size(self.model)
         # The K the learning rate was tuned for: the optimizer's configured
         # K (a run resumed with an adapted K keeps the same base).
         self._base_steps = optimizer._initial_accumulation_steps
@@ -202,7 +202,7 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
         self._batches = 0
         self._warned_at_max = False
         self._writer = None
-        if self.log_dir and backend_hooks.writes_summaries(self.model):
+        if self.log_dir and callback_hooks.writes_summaries(self.model):
             self._writer = SummaryWriter(
                 os.path.join(self.log_dir, "gradients")
             )
@@ -213,7 +213,7 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
             self.update_freq != "epoch"
             and self._batches % self.update_freq == 0
         ):
-            backend_hooks.sync_state(self.model)
+            callback_hooks.sync_state(self.model)
             values = self._adapt(self._batches)
             if logs is not None:
                 logs.update(values)

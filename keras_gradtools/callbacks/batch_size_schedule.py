@@ -23,7 +23,7 @@ from typing import Literal
 import keras
 from keras import ops
 
-from keras_gradtools.callbacks import backend_hooks
+from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import transfer as transfer_lib
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     _pipeline_optimizer,
@@ -172,9 +172,9 @@ class BatchSizeSchedule(keras.callbacks.Callback):
         self._optimizer = optimizer
         self._recorded = None
         self.transfer.switch_on(optimizer)
-        self._batch_size = backend_hooks.record_batch_size(self.model)
+        self._batch_size = callback_hooks.record_batch_size(self.model)
         self._writer = None
-        if self.log_dir and backend_hooks.writes_summaries(self.model):
+        if self.log_dir and callback_hooks.writes_summaries(self.model):
             self._writer = SummaryWriter(
                 os.path.join(self.log_dir, "gradients")
             )
@@ -186,7 +186,7 @@ class BatchSizeSchedule(keras.callbacks.Callback):
         self._micro_steps = None
         if not self._optimizer.built:
             return  # a model built by its first step: from its first batch
-        backend_hooks.sync_state(self.model)
+        callback_hooks.sync_state(self.model)
         self._micro_steps = int(
             ops.convert_to_numpy(self._optimizer.micro_steps)
         )
@@ -196,7 +196,7 @@ class BatchSizeSchedule(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self._micro_steps is None:
-            backend_hooks.sync_state(self.model)
+            callback_hooks.sync_state(self.model)
             self.transfer.switch_on(self._optimizer)
             self._micro_steps = int(
                 ops.convert_to_numpy(self._optimizer.micro_steps)
@@ -239,7 +239,7 @@ class BatchSizeSchedule(keras.callbacks.Callback):
             optimizer.max_accumulation_steps,
         )
         if not synced:
-            backend_hooks.sync_state(self.model)
+            callback_hooks.sync_state(self.model)
         if int(ops.convert_to_numpy(optimizer._accumulator.position)):
             return  # mid-cycle: at the next boundary
         current = optimizer.accumulation_steps

@@ -10,8 +10,8 @@ import keras
 import numpy as np
 
 from keras_gradtools import transforms
+from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import advice as advice_lib
-from keras_gradtools.callbacks import backend_hooks
 from keras_gradtools.callbacks.probe import GradientProbe
 from keras_gradtools.callbacks.summary_writer import SummaryWriter
 from keras_gradtools.optimizers import validation
@@ -172,8 +172,8 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self._optimizer = optimizer
         self.mode = self._choose_mode(optimizer)
         if self.batch_size is None:
-            self._batch_size_seen = backend_hooks.record_batch_size(self.model)
-        if self.log_dir and backend_hooks.writes_summaries(self.model):
+            self._batch_size_seen = callback_hooks.record_batch_size(self.model)
+        if self.log_dir and callback_hooks.writes_summaries(self.model):
             self._writer = SummaryWriter(
                 os.path.join(self.log_dir, "gradients")
             )
@@ -221,7 +221,7 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
             self.update_freq != "epoch"
             and self._batches % self.update_freq == 0
         ):
-            backend_hooks.sync_state(self.model)
+            callback_hooks.sync_state(self.model)
             values = self._measure(self._batches)
             if logs is not None:
                 logs.update(values)

@@ -6,14 +6,13 @@ micro-batch. Scattering it into the sums moves those rows only, where
 densifying it first would write the whole table on every micro-batch. Rows
 repeated within a micro-batch are summed first, so that the sum of squares
 receives the square of each row's gradient. Only the TensorFlow backend
-produces such gradients; TensorFlow is imported when one is met.
+produces such gradients; TensorFlow is imported when one is met (its part
+lives in `keras_gradtools/backends/tf_sparse.py`).
 
 On JAX, sparse gradients (`jax.experimental.sparse.BCOO`, `BCSR`) are not
 handled here: the JAX backend's `densify` turns them dense before anything
 else reads them, so the update equals that of the dense gradient.
 """
-
-from keras import ops
 
 from keras_gradtools.types import TensorLike
 
@@ -37,11 +36,9 @@ def deduplicate_rows(
     Returns:
         `(summed_values, unique_indices)`.
     """
-    import tensorflow as tf
+    from keras_gradtools.backends import tf_sparse
 
-    unique, position = tf.unique(indices)
-    summed = ops.segment_sum(values, position, num_segments=tf.size(unique))
-    return summed, unique
+    return tf_sparse.deduplicate_rows(values, indices)
 
 
 def values_of(gradient: TensorLike) -> TensorLike:
@@ -54,8 +51,6 @@ def map_values(gradient: TensorLike, fn) -> TensorLike:
     """`fn(gradient)`, or `fn` applied to the rows of an `IndexedSlices`."""
     if not is_sparse(gradient):
         return fn(gradient)
-    import tensorflow as tf
+    from keras_gradtools.backends import tf_sparse
 
-    return tf.IndexedSlices(
-        fn(gradient.values), gradient.indices, gradient.dense_shape
-    )
+    return tf_sparse.with_values(gradient, fn(gradient.values))
