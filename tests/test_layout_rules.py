@@ -16,10 +16,7 @@ BACKENDS = PACKAGE / "backends"
 FORBIDDEN = ("tensorflow", "jax", "keras.src")
 # Modules outside backends/ still allowed to import a forbidden module,
 # relative to the package's parent.
-ALLOWED = {
-    # being moved by the pipeline restructure
-    "keras_gradtools/optimizers/cycle.py",
-}
+ALLOWED: set[str] = set()
 
 
 def _forbidden(name):

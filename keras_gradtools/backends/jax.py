@@ -92,20 +92,21 @@ def _current_value(scope, variable, default):
     return default if value is None else value
 
 
-def apply(optimizer, grads, variables, weight=None):
-    """Runs one micro-batch through `optimizer`'s pipeline: in place inside
-    a stateless scope (`fit`, `stateless_apply`), else as a function of the
-    variables' values whose results are written back."""
+def apply(pipeline, grads, variables, weight=None):
+    """Runs one micro-batch through `pipeline`: in place inside a stateless
+    scope (`fit`, `stateless_apply`), else as a function of the variables'
+    values whose results are written back."""
     if private_api.in_stateless_scope():
-        optimizer._cycle.run(grads, variables, weight)
+        pipeline.run(grads, variables, weight)
         return
-    state = optimizer._state_variables()
-    indices = tuple(optimizer._variable_index(v) for v in variables)
-    function = _stateless_pipeline(optimizer, indices)
+    hooks = pipeline.hooks
+    state = hooks.state_variables()
+    indices = tuple(pipeline.variable_indices(variables))
+    function = _stateless_pipeline(pipeline, indices)
     # A callable learning rate is called now, as Keras calls it on every
     # apply, and its value passed in: traced, it would be frozen.
     learning_rate = private_api.callable_learning_rate_value(
-        optimizer._learning_rate_owner()
+        hooks.learning_rate_owner()
     )
     new_values = function(
         [v.value for v in state], list(grads), learning_rate, weight
@@ -114,34 +115,31 @@ def apply(optimizer, grads, variables, weight=None):
         variable.assign(value)
 
 
-def _stateless_pipeline(optimizer, indices):
+def _stateless_pipeline(pipeline, indices):
     """The pipeline as a pure function `(state values, grads) -> new state
     values`, jitted unless `jit_compile=False`; cached per variable set."""
-    cache = getattr(optimizer, "_keras_gradtools_compiled", None)
-    if cache is None:
-        cache = {}
-        object.__setattr__(optimizer, "_keras_gradtools_compiled", cache)
+    cache = pipeline.compiled
     if indices not in cache:
-        state = optimizer._state_variables()
-        variables = [optimizer._trainable_variable(i) for i in indices]
+        hooks = pipeline.hooks
+        state = hooks.state_variables()
+        model_variables = hooks.trainable_variables()
+        variables = [model_variables[i] for i in indices]
 
-        def pipeline(values, grads, learning_rate, weight):
-            owner = optimizer._learning_rate_owner()
+        def run(values, grads, learning_rate, weight):
+            owner = hooks.learning_rate_owner()
             with (
                 keras.StatelessScope(
                     state_mapping=list(zip(state, values))
                 ) as scope,
                 private_api.feeding_learning_rate(owner, learning_rate),
             ):
-                optimizer._cycle.run(grads, variables, weight)
+                pipeline.run(grads, variables, weight)
             return [
                 _current_value(scope, variable, value)
                 for variable, value in zip(state, values)
             ]
 
-        cache[indices] = (
-            jax.jit(pipeline) if optimizer.jit_compile else (pipeline)
-        )
+        cache[indices] = jax.jit(run) if pipeline.settings.jit_compile else run
     return cache[indices]
 
 

@@ -306,3 +306,15 @@ def keras_mask(tensor):
     from keras.src.backend import get_keras_mask
 
     return get_keras_mask(tensor)
+
+
+def weights_moving_average(optimizer) -> list:
+    """The moving averages of the model's weights (`use_ema`), one per
+    trainable variable, as Keras's `finalize_variable_values` reads them."""
+    return optimizer._model_variables_moving_average
+
+
+def set_weights_moving_average(optimizer, averages) -> None:
+    """Sets the moving averages Keras's `finalize_variable_values` reads
+    (created by our `build`, which does not call Keras's)."""
+    optimizer._model_variables_moving_average = averages

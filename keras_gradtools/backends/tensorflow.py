@@ -76,9 +76,9 @@ def run_if(predicate, fn, state=None):
     )
 
 
-def apply(optimizer, grads, variables, weight=None):
+def apply(pipeline, grads, variables, weight=None):
     """Runs one micro-batch (of count `weight`, or `None`) through
-    `optimizer`'s pipeline.
+    `pipeline`.
 
     Under a `tf.distribute` strategy, in replica or cross-replica context,
     the halves of `tf_distribute` run it; eagerly with `jit_compile=True`,
@@ -87,40 +87,47 @@ def apply(optimizer, grads, variables, weight=None):
     if tf.distribute.has_strategy():
         from keras_gradtools.backends import tf_distribute
 
-        tf_distribute.apply(optimizer, grads, variables, weight)
+        tf_distribute.apply(pipeline, grads, variables, weight)
         return
-    if optimizer.jit_compile and tf.executing_eagerly():
-        indices = tuple(optimizer._variable_index(v) for v in variables)
+    if pipeline.settings.jit_compile and tf.executing_eagerly():
+        indices = tuple(pipeline.variable_indices(variables))
         # A callable learning rate is called now, as Keras calls it on
         # every apply, and its value passed in: traced, it would be frozen.
         learning_rate = private_api.callable_learning_rate_value(
-            optimizer._learning_rate_owner()
+            pipeline.hooks.learning_rate_owner()
         )
-        _compiled_pipeline(optimizer)(
+        _compiled_pipeline(pipeline)(
             tuple(grads), indices, learning_rate, weight
         )
         return
-    optimizer._cycle.run(grads, variables, weight)
+    pipeline.run(grads, variables, weight)
 
 
-def _compiled_pipeline(optimizer):
-    compiled = getattr(optimizer, "_keras_gradtools_compiled", None)
+def _compiled_pipeline(pipeline):
+    compiled = pipeline.compiled.get("eager")
     if compiled is None:
+        hooks = pipeline.hooks
 
         def run(grads, indices, learning_rate, weight):
-            variables = [optimizer._trainable_variable(i) for i in indices]
+            model_variables = hooks.trainable_variables()
+            variables = [model_variables[i] for i in indices]
             with private_api.feeding_learning_rate(
-                optimizer._learning_rate_owner(), learning_rate
+                hooks.learning_rate_owner(), learning_rate
             ):
-                optimizer._cycle.run(list(grads), variables, weight)
+                pipeline.run(list(grads), variables, weight)
 
         # No AutoGraph: the pipeline has no Python control flow on tensors
         # (see `not_for_autograph`), and converting it warned about
         # `importlib`'s `_gcd_import`.
         compiled = tf.function(run, jit_compile=True, autograph=False)
-        # Not a trackable attribute: nothing to save.
-        object.__setattr__(optimizer, "_keras_gradtools_compiled", compiled)
+        pipeline.compiled["eager"] = compiled
     return compiled
+
+
+def after(check, fn):
+    """`fn()`, run after the graph assertion `check`."""
+    with tf.control_dependencies([check]):
+        return fn()
 
 
 def executing_eagerly():

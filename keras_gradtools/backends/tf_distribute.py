@@ -44,7 +44,9 @@ from keras import initializers
 from keras import ops
 
 from keras_gradtools.backends import private_api
-from keras_gradtools.optimizers.cycle import LocalPlacement
+from keras_gradtools.backends import tensorflow as tf_backend
+from keras_gradtools.pipeline import stages
+from keras_gradtools.pipeline.hooks import LocalPlacement
 
 
 def strategy_for_build(optimizer):
@@ -121,29 +123,30 @@ def tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-def samples_per_micro_batch(optimizer):
+def samples_per_micro_batch(pipeline):
     """R when each of R replicas' gradients is a separate sample of the
     micro-batch gradient (the default), 1 when every micro-batch gradient is
     summed over the replicas first (`sync_micro_batches`,
     `clip_micro_batches`)."""
-    strategy = optimizer._strategy
-    if optimizer.sync_micro_batches or optimizer.clip_micro_batches:
+    strategy = pipeline.hooks.strategy
+    settings = pipeline.settings
+    if settings.sync_micro_batches or settings.clip_micro_batches:
         return 1
     return strategy.num_replicas_in_sync
 
 
-def apply(optimizer, grads, variables, weight=None):
+def apply(pipeline, grads, variables, weight=None):
     """Runs one micro-batch (of count `weight`, or `None`) under the
     strategy in scope."""
     strategy = tf.distribute.get_strategy()
-    if optimizer._strategy is not strategy:
+    if pipeline.hooks.strategy is not strategy:
         raise ValueError(
             "This optimizer was built outside the scope of the strategy it "
             "is now used with. Create the model and compile (or call "
             "`optimizer.build(model.trainable_variables)`) inside "
             "`strategy.scope()`."
         )
-    if optimizer._overwritten_indices:
+    if pipeline.overwritten_indices:
         raise NotImplementedError(
             "Variables overwritten with their gradient (float8 scale "
             "factors) are not supported under a tf.distribute strategy yet: "
@@ -151,9 +154,9 @@ def apply(optimizer, grads, variables, weight=None):
         )
     if tf.distribute.in_cross_replica_context():
         _refuse_weights(weight, "in cross-replica context")
-        _apply_in_cross_replica_context(optimizer, strategy, grads, variables)
+        _apply_in_cross_replica_context(pipeline, strategy, grads, variables)
         return
-    _apply_in_replica_context(optimizer, strategy, grads, variables, weight)
+    _apply_in_replica_context(pipeline, strategy, grads, variables, weight)
 
 
 def _refuse_weights(weight, where):
@@ -167,28 +170,28 @@ def _refuse_weights(weight, where):
         )
 
 
-def _apply_in_replica_context(optimizer, strategy, grads, variables, weight):
-    driver = optimizer._cycle
+def _apply_in_replica_context(pipeline, strategy, grads, variables, weight):
     context = tf.distribute.get_replica_context()
     replicas = strategy.num_replicas_in_sync
-    indices = [optimizer._variable_index(v) for v in variables]
+    indices = pipeline.variable_indices(variables)
     if _handed_to_every_replica(context, grads):
         _refuse_weights(weight, "for gradients shared by every replica")
-        _apply_global_gradient(optimizer, context, grads, indices)
+        _apply_global_gradient(pipeline, context, grads, indices)
         return
-    samples = samples_per_micro_batch(optimizer)
+    samples = samples_per_micro_batch(pipeline)
     if samples == 1:
         _refuse_weights(weight, "with micro-batches summed over replicas")
-    if not optimizer._accumulator.accumulates:
+    settings = pipeline.settings
+    if not pipeline.accumulator.accumulates:
         # Clipping each micro-batch acts on the sum over replicas, after
         # the all-reduce of the update.
-        local = driver.local_half(grads, indices, clip=False, weight=weight)
+        local = pipeline.local_half(grads, indices, clip=False, weight=weight)
         # With the replicas as samples, their squared norms go along for
         # the statistics (one more small all-reduce).
-        statistics = samples > 1 and optimizer.track_gradient_statistics
+        statistics = samples > 1 and settings.track_gradient_statistics
         norms = local.norms if statistics else None
         grads = local.grads
-        if optimizer.weighted_accumulation:
+        if settings.weighted_accumulation:
             # Each replica's h_r = R g_r, weighted: sum w_r h_r over the
             # replicas, divided by sum w_r after the all-reduce.
             weight = local.weight
@@ -203,7 +206,7 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables, weight):
         grads = [tf.identity(g) for g in grads]
         context.merge_call(
             _update_from_replicas,
-            args=(optimizer, grads, norms, indices),
+            args=(pipeline, grads, norms, indices),
         )
         return
     reduce, keeper = None, None
@@ -216,7 +219,7 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables, weight):
             return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
         keeper = ops.equal(context.replica_id_in_sync_group, 0)
-    driver.local_half(
+    pipeline.local_half(
         grads,
         indices,
         count=1.0 / replicas,
@@ -224,7 +227,7 @@ def _apply_in_replica_context(optimizer, strategy, grads, variables, weight):
         keeper=keeper,
         weight=weight,
     )
-    context.merge_call(_finish_micro_batch, args=(optimizer, indices, samples))
+    context.merge_call(_finish_micro_batch, args=(pipeline, indices, samples))
 
 
 def _handed_to_every_replica(context, grads):
@@ -266,15 +269,14 @@ def _handed_to_every_replica(context, grads):
     return False
 
 
-def _apply_global_gradient(optimizer, context, grads, indices):
+def _apply_global_gradient(pipeline, context, grads, indices):
     """Gradients handed to every replica alike: the global micro-batch
     gradient, one sample per micro-batch, which replica 0 keeps (as when
     `apply` is called in cross-replica context)."""
-    driver = optimizer._cycle
     replicas = context.num_replicas_in_sync
     keeper = ops.equal(context.replica_id_in_sync_group, 0)
-    accumulates = optimizer._accumulator.accumulates
-    local = driver.local_half(
+    accumulates = pipeline.accumulator.accumulates
+    local = pipeline.local_half(
         grads,
         indices,
         count=1.0 / replicas,
@@ -282,25 +284,24 @@ def _apply_global_gradient(optimizer, context, grads, indices):
         clip=accumulates,
     )
     if accumulates:
-        context.merge_call(_finish_micro_batch, args=(optimizer, indices, 1))
+        context.merge_call(_finish_micro_batch, args=(pipeline, indices, 1))
         return
     # (Each replica's `where` of the keeper is its own tensor already.)
     context.merge_call(
-        _update_from_replicas, args=(optimizer, local.grads, None, indices)
+        _update_from_replicas, args=(pipeline, local.grads, None, indices)
     )
 
 
-def _apply_in_cross_replica_context(optimizer, strategy, grads, variables):
+def _apply_in_cross_replica_context(pipeline, strategy, grads, variables):
     """Gradients computed outside `strategy.run`: the global micro-batch
     gradient, one sample per micro-batch, which replica 0 keeps."""
-    driver = optimizer._cycle
-    indices = [optimizer._variable_index(v) for v in variables]
-    accumulates = optimizer._accumulator.accumulates
+    indices = pipeline.variable_indices(variables)
+    accumulates = pipeline.accumulator.accumulates
 
     def local(grads):
         context = tf.distribute.get_replica_context()
         keeper = ops.equal(context.replica_id_in_sync_group, 0)
-        result = driver.local_half(
+        result = pipeline.local_half(
             grads,
             indices,
             count=1.0 / strategy.num_replicas_in_sync,
@@ -311,16 +312,17 @@ def _apply_in_cross_replica_context(optimizer, strategy, grads, variables):
 
     kept = strategy.run(local, args=(list(grads),))
     if accumulates:
-        _finish_micro_batch(strategy, optimizer, indices, 1)
+        _finish_micro_batch(strategy, pipeline, indices, 1)
     else:
-        _update_from_replicas(strategy, optimizer, kept, None, indices)
+        _update_from_replicas(strategy, pipeline, kept, None, indices)
 
 
-def _update_from_replicas(strategy, optimizer, grads, norms, indices):
+def _update_from_replicas(strategy, pipeline, grads, norms, indices):
     """K == 1: sums the replicas' gradients (one batched all-reduce), then
     updates from the global-batch gradient. With the replicas as samples,
     their squared norms are reduced with them, for the statistics."""
-    variables = [optimizer._trainable_variable(i) for i in indices]
+    model_variables = pipeline.hooks.trainable_variables()
+    variables = [model_variables[i] for i in indices]
 
     def reduce(values, destinations):
         reduced_values = strategy.extended.batch_reduce_to(
@@ -338,7 +340,7 @@ def _update_from_replicas(strategy, optimizer, grads, norms, indices):
         # The replicas' summed count rides in the same batched all-reduce.
         destinations.append(first)
     grads = reduce(grads, destinations)
-    samples = samples_per_micro_batch(optimizer)
+    samples = samples_per_micro_batch(pipeline)
     norm_sums = None
     if norms is not None:
         norm_sums = reduce(norms, [first] * len(norms))
@@ -352,18 +354,16 @@ def _update_from_replicas(strategy, optimizer, grads, norms, indices):
             replicas = float(strategy.num_replicas_in_sync)
             norm_sums = [q / (safe * replicas) for q in norm_sums]
     means = grads
-    if optimizer.clip_micro_batches:
-        means, _ = optimizer._clip(means)
+    if pipeline.settings.clip_micro_batches:
+        means, _ = pipeline.clip(means)
     gate = None
-    if optimizer.on_nonfinite == "skip":
-        from keras_gradtools import transforms
-
-        gate = transforms.all_finite(means)
+    if pipeline.settings.on_nonfinite == "skip":
+        gate = stages.finite_check(means)
     if weight_gate is not None:
         gate = (
             weight_gate if gate is None else ops.logical_and(gate, weight_gate)
         )
-    optimizer._cycle.update(
+    pipeline.update(
         means,
         indices,
         count=1.0,
@@ -372,19 +372,18 @@ def _update_from_replicas(strategy, optimizer, grads, norms, indices):
         norm_sums=norm_sums,
         placement=ReplicatedPlacement(strategy),
     )
-    optimizer._accumulator.count_micro_step()
+    pipeline.accumulator.count_micro_step()
 
 
-def _finish_micro_batch(strategy, optimizer, indices, samples):
+def _finish_micro_batch(strategy, pipeline, indices, samples):
     """K > 1: the replicas' sums are written; only the last micro-batch of
     a cycle reads them (the all-reduce) and updates."""
-    driver = optimizer._cycle
-    accumulator = optimizer._accumulator
+    accumulator = pipeline.accumulator
     first, last, steps = accumulator.cycle_flags()
     accumulator.record_samples(first, samples)
-    optimizer._backend.run_if(
+    tf_backend.run_if(
         last,
-        lambda: driver.finish_cycle(indices, ReplicatedPlacement(strategy)),
+        lambda: pipeline.finish_cycle(indices, ReplicatedPlacement(strategy)),
     )
     accumulator.advance(first, last, steps)
     accumulator.count_micro_step()
@@ -398,33 +397,14 @@ class ReplicatedPlacement(LocalPlacement):
     def __init__(self, strategy):
         self.strategy = strategy
 
-    def apply_rule(self, optimizer, grads, variables, variances):
-        inner = getattr(optimizer, "inner_optimizer", None)
-        if inner is not None:
-            self._apply_inner(optimizer, inner, grads, variables)
-            return
-        learning_rate = optimizer._scaled_learning_rate()
-        extended = self.strategy.extended
-        for grad, variable, variance in zip(grads, variables, variances):
-            extended.update(
-                tf_variable(variable),
-                lambda v, g, w: optimizer._apply_rule_to_variable(
-                    g, v, learning_rate, w
-                ),
-                args=(grad, variance),
-                group=False,
-            )
-        if optimizer.use_ema:
-            optimizer._update_moving_averages()
-        for variable in variables:
-            if getattr(variable, "constraint", None) is not None:
-                extended.update(
-                    tf_variable(variable),
-                    lambda v, c=variable.constraint: optimizer.assign(v, c(v)),
-                    group=False,
-                )
+    def update(self, variable, fn, args=()):
+        """Calls `fn(copy, *args)` for every replica's copy of `variable`
+        (in cross-replica context)."""
+        self.strategy.extended.update(
+            tf_variable(variable), fn, args=tuple(args), group=False
+        )
 
-    def _apply_inner(self, optimizer, inner, grads, variables):
+    def apply_inner(self, apply, grads, variables):
         """A Keras optimizer's `apply` runs in replica context, where it sums
         the gradients over replicas. Hand it the final gradient on replica 0
         and zeros elsewhere: the sum is then that gradient, bitwise."""
@@ -433,7 +413,7 @@ class ReplicatedPlacement(LocalPlacement):
             context = tf.distribute.get_replica_context()
             first = ops.equal(context.replica_id_in_sync_group, 0)
             grads = [ops.where(first, g, ops.zeros_like(g)) for g in grads]
-            inner.apply(grads, variables)
+            apply(grads, variables)
 
         self.strategy.extended.call_for_each_replica(
             apply_on_replica, args=(list(grads),)

@@ -17,6 +17,7 @@ from typing import Literal
 import keras
 import numpy as np
 
+from keras_gradtools import validation
 from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import transfer as transfer_lib
 from keras_gradtools.callbacks.gradient_variance_monitor import (
@@ -25,7 +26,6 @@ from keras_gradtools.callbacks.gradient_variance_monitor import (
 from keras_gradtools.callbacks.summary_writer import SummaryWriter
 from keras_gradtools.callbacks.transfer import LEARNING_RATE_RULES
 from keras_gradtools.callbacks.transfer import learning_rate_factor
-from keras_gradtools.optimizers import validation
 
 __all__ = [
     "LEARNING_RATE_RULES",
@@ -192,7 +192,7 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
         self._batch_size = callback_hooks.record_batch_size(self.model)
         # The K the learning rate was tuned for: the optimizer's configured
         # K (a run resumed with an adapted K keeps the same base).
-        self._base_steps = optimizer._initial_accumulation_steps
+        self._base_steps = optimizer.initial_accumulation_steps
         if optimizer.accumulation_steps < self.min_steps:
             if optimizer.built:
                 # K and what follows it, by the transfer rule.

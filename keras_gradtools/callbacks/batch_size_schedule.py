@@ -23,13 +23,13 @@ from typing import Literal
 import keras
 from keras import ops
 
+from keras_gradtools import validation
 from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import transfer as transfer_lib
 from keras_gradtools.callbacks.gradient_variance_monitor import (
     _pipeline_optimizer,
 )
 from keras_gradtools.callbacks.summary_writer import SummaryWriter
-from keras_gradtools.optimizers import validation
 
 
 class BatchSizeSchedule(keras.callbacks.Callback):
@@ -240,7 +240,7 @@ class BatchSizeSchedule(keras.callbacks.Callback):
         )
         if not synced:
             callback_hooks.sync_state(self.model)
-        if int(ops.convert_to_numpy(optimizer._accumulator.position)):
+        if int(ops.convert_to_numpy(optimizer.pipeline.accumulator.position)):
             return  # mid-cycle: at the next boundary
         current = optimizer.accumulation_steps
         self.transfer.apply(optimizer, steps, schedule_factor)
@@ -395,7 +395,7 @@ class Seesaw(BatchSizeSchedule):
         return sum(samples_seen >= b for b in self.boundaries)
 
     def _steps_after(self, samples_seen):
-        base = self._optimizer._initial_accumulation_steps
+        base = self._optimizer.initial_accumulation_steps
         steps = base * self._growth ** self._decays(samples_seen)
         return int(min(steps, max(self._cap, base)))
 

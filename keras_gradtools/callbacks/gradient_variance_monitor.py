@@ -10,11 +10,11 @@ import keras
 import numpy as np
 
 from keras_gradtools import transforms
+from keras_gradtools import validation
 from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import advice as advice_lib
 from keras_gradtools.callbacks.probe import GradientProbe
 from keras_gradtools.callbacks.summary_writer import SummaryWriter
-from keras_gradtools.optimizers import validation
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 
 # Smoothing across probe measurements (probe mode), bias-corrected.
@@ -325,7 +325,7 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         keeps the sums of squares and they hold one (right after an update
         they do, until the next micro-batch): `(means, square sums, count,
         samples per micro-batch)`."""
-        accumulator = self._optimizer._accumulator
+        accumulator = self._optimizer.pipeline.accumulator
         if not accumulator.square_sums:
             return None
         if int(ops_to_int(accumulator.position)) != 0:

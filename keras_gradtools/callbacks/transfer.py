@@ -26,7 +26,7 @@ from typing import Literal
 
 import keras
 
-from keras_gradtools.optimizers import validation
+from keras_gradtools import validation
 
 LEARNING_RATE_RULES = ("sqrt", "linear", "adascale", None)
 
@@ -203,7 +203,7 @@ class HyperparameterTransfer:
             The learning-rate factor of the rule (without
             `schedule_factor`).
         """
-        base = optimizer._initial_accumulation_steps
+        base = optimizer.initial_accumulation_steps
         if optimizer.accumulation_steps != steps:
             optimizer.accumulation_steps = steps
         factor = learning_rate_factor(

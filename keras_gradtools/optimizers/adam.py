@@ -7,10 +7,10 @@ from typing import Any
 from keras import ops
 
 from keras_gradtools import transforms
-from keras_gradtools.optimizers import validation
+from keras_gradtools import validation
 from keras_gradtools.optimizers.base import SECOND_MOMENT_MODES
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
+from keras_gradtools.pipeline import arguments
 from keras_gradtools.registration import register
 from keras_gradtools.types import LearningRate
 from keras_gradtools.types import SecondMoment
@@ -221,7 +221,7 @@ class Adam(GradientPipelineOptimizer):
     def _effective_beta(self, beta, name):
         if not self.hyperparameter_transfer[name]:
             return float(beta)
-        ratio = self.accumulation_steps / self._initial_accumulation_steps
+        ratio = self.accumulation_steps / self.initial_accumulation_steps
         return float(beta) ** ratio
 
     def _require_transfer_state(self, what):
@@ -240,8 +240,8 @@ class Adam(GradientPipelineOptimizer):
         if switches is None:
             return 1 - beta, steps
         one_minus = ops.cast(1 - beta, dtype)
-        accumulator = self._accumulator
-        base = float(self._initial_accumulation_steps)
+        accumulator = self.pipeline.accumulator
+        base = float(self.initial_accumulation_steps)
         ratio = ops.divide(
             ops.cast(accumulator.current_cycle_steps(), dtype), base
         )
@@ -291,11 +291,13 @@ class Adam(GradientPipelineOptimizer):
             # updates so far, by every micro-batch seen (K may change).
             beta_2 = ops.power(
                 ops.cast(self.beta_2, dtype),
-                ops.cast(self._accumulator.current_cycle_steps(), dtype),
+                ops.cast(
+                    self.pipeline.accumulator.current_cycle_steps(), dtype
+                ),
             )
             one_minus_beta_2 = 1 - beta_2
             second_moment_steps = ops.cast(
-                self._accumulator.micro_steps + 1, dtype
+                self.pipeline.accumulator.micro_steps + 1, dtype
             )
         else:
             # A Python float, as in Keras: `1 - beta_2` then rounds once.
@@ -372,6 +374,4 @@ class Adam(GradientPipelineOptimizer):
         return config
 
 
-Adam.__doc__ = Adam.__doc__.replace(
-    "{{pipeline_keyword_args}}", pipeline_keyword_args
-)
+arguments.declare_arguments(Adam)

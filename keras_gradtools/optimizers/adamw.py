@@ -3,7 +3,7 @@
 from typing import Any
 
 from keras_gradtools.optimizers.adam import Adam
-from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
+from keras_gradtools.pipeline import arguments
 from keras_gradtools.registration import register
 from keras_gradtools.types import LearningRate
 from keras_gradtools.types import SecondMoment
@@ -66,6 +66,4 @@ class AdamW(Adam):
         )
 
 
-AdamW.__doc__ = AdamW.__doc__.replace(
-    "{{pipeline_keyword_args}}", pipeline_keyword_args
-)
+arguments.declare_arguments(AdamW)

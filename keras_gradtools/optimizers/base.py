@@ -1,15 +1,14 @@
 """The base class of the package's optimizers.
 
 A `GradientPipelineOptimizer` is a `keras.optimizers.Optimizer` whose
-`apply` runs the gradient pipeline (accumulation, clipping, noise,
-statistics) around its update rule. It holds the pipeline's parts by
-composition:
-
-- `GradientAccumulator` (`accumulator.py`): ΣG, Σg², Σ|g|², the counters;
-- `GradientStatistics` (`statistics.py`): the statistics' state;
-- `CycleDriver` (`cycle.py`): one micro-batch through the pipeline;
-- the backend module (`keras_gradtools.backends`): how it branches and is
-  compiled on TensorFlow or JAX, and `tf.distribute` where present.
+`apply` hands each micro-batch to its `Pipeline`
+(`keras_gradtools.pipeline`), which owns the stages (accumulation, finite
+check, clipping, noise, statistics, the gate) and their state. The
+optimizer gives the pipeline only the narrow hooks of
+`pipeline/hooks.py` (through `PipelineHooks` below) and keeps what Keras
+asks of an optimizer: the update rule (`update_step`, in a subclass, run
+by the sequence of `rule_sequence.py`), its variables, saving
+(`saved_state.py`) and the configuration.
 
 Subclasses implement the update rule in `update_step` exactly as Keras
 optimizers do, writing through `self.assign*` so that a skipped update
@@ -17,7 +16,6 @@ optimizers do, writing through `self.assign*` so that a skipped update
 """
 
 import contextlib
-import random
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -31,29 +29,30 @@ from keras import optimizers
 from keras_gradtools import backends
 from keras_gradtools import micro_batch_counts
 from keras_gradtools import transforms
+from keras_gradtools import validation
 from keras_gradtools.backends import common
 from keras_gradtools.backends import private_api
+from keras_gradtools.optimizers import gradients
 from keras_gradtools.optimizers import layout
-from keras_gradtools.optimizers import validation
-from keras_gradtools.optimizers.accumulator import GradientAccumulator
-from keras_gradtools.optimizers.cycle import CycleDriver
-from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
-from keras_gradtools.optimizers.statistics import GradientStatistics
-from keras_gradtools.transforms import sparse
+from keras_gradtools.optimizers.rule_sequence import UpdateRuleSequence
+from keras_gradtools.optimizers.saved_state import SavedState
+from keras_gradtools.pipeline import arguments
+from keras_gradtools.pipeline.pipeline import Pipeline
 from keras_gradtools.types import LearningRate
-from keras_gradtools.types import NonfinitePolicy
 from keras_gradtools.types import TensorLike
 
 SECOND_MOMENT_MODES = ("micro", "macro")
-NONFINITE_POLICIES = ("skip", "apply", "raise")
+NONFINITE_POLICIES = arguments.NONFINITE_POLICIES
 
 
-class GradientPipelineOptimizer(optimizers.Optimizer):
+class GradientPipelineOptimizer(
+    UpdateRuleSequence, SavedState, optimizers.Optimizer
+):
     """Base class for optimizers that accumulate, clip and add noise.
 
     A subclass overrides `build` (to create its slots, after calling
     `super().build`), `update_step` and `get_config`, as for any Keras
-    optimizer. This class owns everything around the update rule.
+    optimizer. The pipeline around the update rule is `self.pipeline`.
 
     Args:
         learning_rate: A float, a
@@ -66,86 +65,29 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             `loss_scale_factor`, `name`).
     """
 
-    def __init__(
-        self,
-        learning_rate: LearningRate,
-        accumulation_steps: int | None = None,
-        noise_eta: float = 0.0,
-        noise_gamma: float = 0.55,
-        noise_seed: int | None = None,
-        clip_micro_batches: bool = False,
-        on_nonfinite: NonfinitePolicy = "skip",
-        track_gradient_statistics: bool = False,
-        jit_compile: bool = True,
-        max_accumulation_steps: int | None = None,
-        sync_micro_batches: bool = False,
-        gradient_accumulation_steps: int | None = None,
-        weighted_accumulation: bool = False,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, learning_rate: LearningRate, **kwargs: Any) -> None:
         backends.check_supported()
-        steps = validation.resolve_accumulation_steps(
-            accumulation_steps, gradient_accumulation_steps
-        )
-        max_steps = validation.resolve_max_accumulation_steps(
-            max_accumulation_steps, steps
-        )
         learning_rate = validation.check_learning_rate(learning_rate)
-        noise_eta = validation.check_float("noise_eta", noise_eta, minimum=0)
-        noise_gamma = validation.check_float(
-            "noise_gamma", noise_gamma, minimum=0
-        )
-        noise_seed = validation.check_optional_seed("noise_seed", noise_seed)
-        on_nonfinite = validation.check_choice(
-            "on_nonfinite", on_nonfinite, NONFINITE_POLICIES
-        )
-        for name in ("clipnorm", "clipvalue", "global_clipnorm"):
-            kwargs[name] = validation.check_optional_positive(
-                name, kwargs.get(name)
-            )
-        if kwargs.get("weight_decay") is not None:
-            kwargs["weight_decay"] = validation.check_float(
-                "weight_decay", kwargs["weight_decay"], minimum=0
-            )
-        if kwargs.get("use_ema"):
-            kwargs["ema_momentum"] = validation.check_float(
-                "ema_momentum", kwargs.get("ema_momentum", 0.99), 0, 1
-            )
-        if kwargs.get("loss_scale_factor") is not None:
-            kwargs["loss_scale_factor"] = validation.check_float(
-                "loss_scale_factor",
-                kwargs["loss_scale_factor"],
-                minimum=0,
-                open_min=True,
-            )
-        super().__init__(learning_rate=learning_rate, **kwargs)
-        self._initial_accumulation_steps = steps
-        self.max_accumulation_steps = max_steps
-        self.noise_eta = noise_eta
-        self.noise_gamma = noise_gamma
-        if noise_seed is None:
-            noise_seed = random.randrange(2**31 - 1)
-        self.noise_seed = noise_seed
-        self.clip_micro_batches = bool(clip_micro_batches)
-        self.sync_micro_batches = bool(sync_micro_batches)
-        self.weighted_accumulation = bool(weighted_accumulation)
-        self.on_nonfinite = on_nonfinite
-        self.track_gradient_statistics = bool(track_gradient_statistics)
-        self.jit_compile = bool(jit_compile)
-        # Per-coordinate sums of squares for statistics (histograms), on top
-        # of the per-variable scalars: switched on by the monitor.
-        self._per_coordinate_statistics = False
+        pipeline_arguments = arguments.split_arguments(kwargs)
+        for argument in arguments.CLIP_ARGUMENTS:
+            pipeline_arguments[argument.name] = kwargs.get(argument.name)
+        settings = arguments.PipelineSettings.from_arguments(pipeline_arguments)
+        for argument in arguments.CLIP_ARGUMENTS:
+            kwargs[argument.name] = getattr(settings, argument.name)
+        _check_keras_arguments(kwargs)
         # Plain attributes, not tracked state (object.__setattr__ bypasses
-        # Keras's tracker).
-        object.__setattr__(self, "_backend", backends.current())
-        object.__setattr__(self, "_cycle", CycleDriver(self))
-        object.__setattr__(self, "_update_gate", None)
+        # Keras's tracker); set first: Keras's __init__ sets attributes that
+        # are our properties.
+        object.__setattr__(
+            self,
+            "_pipeline",
+            Pipeline(settings, PipelineHooks(self), backends.current()),
+        )
         object.__setattr__(self, "_strategy", None)
         object.__setattr__(self, "_roles", {})
         object.__setattr__(self, "_pending_state", None)
-        object.__setattr__(self, "_accumulator", None)
-        object.__setattr__(self, "_statistics", None)
         object.__setattr__(self, "_skipped_reported", 0)
+        super().__init__(learning_rate=learning_rate, **kwargs)
         # State restored before `build` (a pickled or deep-copied optimizer)
         # is applied when the subclass's `build` has made every slot.
         build_variables = self.build
@@ -157,6 +99,12 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         build.__doc__ = build_variables.__doc__
         object.__setattr__(self, "build", build)
 
+    @property
+    def pipeline(self) -> Pipeline:
+        """The gradient pipeline: its stages (`accumulator`, `statistics`,
+        `clip`, `noise`), their state and `settings`."""
+        return self._pipeline
+
     # ------------------------------------------------------------------
     # Counters and settings.
 
@@ -164,6 +112,12 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
     def iterations(self) -> keras.Variable:
         """The number of updates applied (not of micro-batches)."""
         return self._iterations
+
+    @property
+    def initial_accumulation_steps(self) -> int:
+        """The K this optimizer was configured with (`accumulation_steps`
+        at construction, or as set before `build`)."""
+        return self._pipeline.settings.accumulation_steps
 
     @property
     def accumulation_steps(self) -> int:
@@ -174,20 +128,22 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         starts. On JAX inside `fit`, call `model.jax_state_sync()` before
         setting it from a callback's batch hook.
         """
-        if self._accumulator is None or not self._accumulator.accumulates:
-            return self._initial_accumulation_steps
-        return int(ops.convert_to_numpy(self._accumulator.steps))
+        accumulator = self._pipeline.accumulator
+        if accumulator is None or not accumulator.accumulates:
+            return self.initial_accumulation_steps
+        return int(ops.convert_to_numpy(accumulator.steps))
 
     @accumulation_steps.setter
     def accumulation_steps(self, steps: int) -> None:
         steps = validation.check_int(
             "accumulation_steps", steps, 1, self.max_accumulation_steps
         )
-        if self._accumulator is not None and self._accumulator.accumulates:
-            self._accumulator.steps.assign(steps)
+        accumulator = self._pipeline.accumulator
+        if accumulator is not None and accumulator.accumulates:
+            accumulator.steps.assign(steps)
         else:
             # Before `build`: the K the optimizer is configured with.
-            self._initial_accumulation_steps = steps
+            self._pipeline.settings.accumulation_steps = steps
 
     @property
     def learning_rate_factor(self) -> float:
@@ -195,11 +151,10 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         value) by: 1 unless set, e.g. by `AdaptiveAccumulation` when it
         changes the effective batch. Settable during training when
         `max_accumulation_steps > 1`."""
-        if self._accumulator is None or not self._accumulator.accumulates:
+        accumulator = self._pipeline.accumulator
+        if accumulator is None or not accumulator.accumulates:
             return 1.0
-        return float(
-            ops.convert_to_numpy(self._accumulator.learning_rate_factor)
-        )
+        return float(ops.convert_to_numpy(accumulator.learning_rate_factor))
 
     @learning_rate_factor.setter
     def learning_rate_factor(self, factor: float) -> None:
@@ -207,13 +162,14 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             "learning_rate_factor", factor, minimum=0.0, open_min=True
         )
         self._require_built("learning_rate_factor")
-        if not self._accumulator.accumulates:
+        accumulator = self._pipeline.accumulator
+        if not accumulator.accumulates:
             raise ValueError(
                 "`learning_rate_factor` can be set on an optimizer created "
                 "with max_accumulation_steps > 1 (the factor follows the "
                 "effective batch); set `learning_rate` instead."
             )
-        self._accumulator.learning_rate_factor.assign(factor)
+        accumulator.learning_rate_factor.assign(factor)
 
     def _learning_rate_owner(self):
         """The optimizer whose learning-rate setting the rule reads."""
@@ -223,10 +179,9 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         """The learning rate of this update: the rate (or its schedule's
         value at `iterations`) times `learning_rate_factor`."""
         learning_rate = self.learning_rate
-        if self._accumulator is not None and self._accumulator.accumulates:
-            factor = ops.convert_to_tensor(
-                self._accumulator.learning_rate_factor
-            )
+        accumulator = self._pipeline.accumulator
+        if accumulator is not None and accumulator.accumulates:
+            factor = ops.convert_to_tensor(accumulator.learning_rate_factor)
             learning_rate = ops.multiply(
                 ops.cast(learning_rate, "float32"), factor
             )
@@ -249,7 +204,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
     def micro_steps(self) -> keras.Variable:
         """Micro-batches seen (calls to `apply`), including skipped ones."""
         self._require_built("micro_steps")
-        return self._accumulator.micro_steps
+        return self._pipeline.accumulator.micro_steps
 
     @property
     def skipped_micro_batches(self) -> keras.Variable:
@@ -259,7 +214,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         (the value read is the sum over replicas).
         """
         self._require_built("skipped_micro_batches")
-        return self._accumulator.skipped_micro_batches
+        return self._pipeline.accumulator.skipped_micro_batches
 
     @property
     def noise_std(self) -> float:
@@ -267,7 +222,11 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         `sqrt(noise_eta / (1 + t)**noise_gamma)`, t = updates applied."""
         if self.noise_eta == 0:
             return 0.0
-        return float(self._noise_std_at(self._iterations))
+        return float(
+            transforms.noise_std(
+                self.noise_eta, self.noise_gamma, self._iterations
+            )
+        )
 
     def finalize_variable_values(self, var_list) -> None:
         """What Keras calls at the end of `fit`: the moving average of the
@@ -315,20 +274,11 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 "`model.fit`) or `build(variables)` first."
             )
 
-    # ------------------------------------------------------------------
-    # What this configuration needs (decides which slots exist).
-
     @property
     def _reads_micro_variance(self):
         """Whether `update_step` uses the within-update variance (Adam's
         "micro" second moment). Subclasses override."""
         return False
-
-    @property
-    def _keeps_square_sums(self):
-        return self.max_accumulation_steps > 1 and (
-            self._reads_micro_variance or self._per_coordinate_statistics
-        )
 
     # ------------------------------------------------------------------
     # State.
@@ -353,35 +303,10 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         object.__setattr__(self, "_strategy", self._backend_strategy())
         private_api.register_trainable_variables(self, variables)
         if self.use_ema:
-            self._model_variables_moving_average = self.add_optimizer_variables(
-                variables, "average"
+            private_api.set_weights_moving_average(
+                self, self.add_optimizer_variables(variables, "average")
             )
-        object.__setattr__(
-            self,
-            "_overwrite_flags",
-            [private_api.overwrites_with_gradient(self, v) for v in variables],
-        )
-        object.__setattr__(
-            self,
-            "_accumulator",
-            GradientAccumulator(
-                self,
-                variables,
-                max_steps=self.max_accumulation_steps,
-                steps=self._initial_accumulation_steps,
-                square_sums=self._keeps_square_sums,
-                square_norm_sums=self.track_gradient_statistics,
-                weighted=self.weighted_accumulation,
-            ),
-        )
-        if self.noise_eta > 0:
-            self._noise_seed_variable = self._add_state(
-                "noise_seed", dtype="int32", initial=self.noise_seed
-            )
-        if self.track_gradient_statistics:
-            object.__setattr__(
-                self, "_statistics", GradientStatistics(self, len(variables))
-            )
+        self._pipeline.build(variables)
         self.built = True
 
     def _backend_strategy(self):
@@ -403,7 +328,8 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         reference=None,
         keep_dtype=False,
     ):
-        """Creates one variable of the pipeline's state.
+        """Creates one variable of the pipeline's state (the `make_state`
+        hook).
 
         Args:
             name: Its name (prefixed with the reference's path if any).
@@ -488,30 +414,8 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         )
         return [variable for _, variable in order]
 
-    def _state_variables(self):
-        """Every variable an update reads or writes: the optimizer's and the
-        model's (JAX threads them through its branch)."""
-        return self.variables + list(private_api.trainable_variables(self))
-
     def _variable_index(self, variable):
         return private_api.variable_index(self, variable)
-
-    def _trainable_variable(self, index):
-        return private_api.trainable_variables(self)[index]
-
-    @property
-    def _iterations_variable(self):
-        return private_api.iterations_variable(self)
-
-    def _overwrites_with_gradient(self, variable):
-        return private_api.overwrites_with_gradient(self, variable)
-
-    def _overwrites_with_gradient_at(self, index):
-        return self._overwrite_flags[index]
-
-    @property
-    def _overwritten_indices(self):
-        return [i for i, flag in enumerate(self._overwrite_flags) if flag]
 
     def get_weights(self) -> list:
         """The values of `variables`, as NumPy arrays."""
@@ -597,20 +501,21 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                     "state for the counts."
                 )
             self.weighted_accumulation = True
-        grads, variables = self._prepare_gradients(grads, trainable_variables)
+        grads, variables = gradients.prepare(self, grads, trainable_variables)
         if self.weighted_accumulation:
             count = ops.cast(
                 ops.convert_to_tensor(1.0 if count is None else count),
                 "float32",
             )
+        pipeline = self._pipeline
         guard = contextlib.nullcontext()
         if self.on_nonfinite == "raise":
             checked = grads if count is None else grads + [count]
-            guard = self._backend.nonfinite_guard(
-                checked, variables, self._accumulator.micro_steps.value
+            guard = pipeline.backend.nonfinite_guard(
+                checked, variables, pipeline.accumulator.micro_steps.value
             )
         with guard, keras.name_scope(self.name, caller=self):
-            self._backend.apply(self, grads, variables, count)
+            pipeline.backend.apply(pipeline, grads, variables, count)
         return self._iterations
 
     def stateless_apply(
@@ -637,246 +542,6 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 optimizer_variables, grads, trainable_variables
             )
 
-    def _prepare_gradients(self, grads, trainable_variables):
-        grads = list(grads)
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError(
-                    "`apply` without `trainable_variables` needs a built "
-                    "optimizer: pass the variables on the first call or call "
-                    "`optimizer.build(variables)`."
-                )
-            variables = list(private_api.trainable_variables(self))
-        else:
-            variables = list(trainable_variables)
-        if len(grads) != len(variables):
-            raise ValueError(
-                f"`apply` received {len(grads)} gradients for "
-                f"{len(variables)} variables: pass exactly one gradient (or "
-                "`None`) per variable."
-            )
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(variables)
-        private_api.check_variables_are_known(self, variables)
-        grads, variables = private_api.filter_empty_gradients(
-            self, grads, variables
-        )
-        rows = self._accumulates_sparse_rows
-        prepared = []
-        for grad, variable in zip(grads, variables):
-            if not (rows and sparse.is_sparse(grad)):
-                grad = self._backend.densify(grad)
-            _check_gradient_matches(grad, variable)
-            index = self._variable_index(variable)
-            if (
-                self.loss_scale_factor is not None
-                and not (self._overwrite_flags[index])
-            ):
-                # Variables overwritten with their gradient take it as it
-                # is, before unscaling (as in Keras).
-                grad = sparse.map_values(
-                    grad, lambda g: g / self.loss_scale_factor
-                )
-            if sparse.is_sparse(grad):
-                grad = self._backend.deduplicate(grad)
-            prepared.append(grad)
-        return prepared, variables
-
-    @property
-    def _accumulates_sparse_rows(self):
-        """Sparse gradients stay sparse only where they are accumulated row
-        by row (clipping each micro-batch needs them dense)."""
-        return (
-            backend.backend() == "tensorflow"
-            and self.max_accumulation_steps > 1
-            and not self.clip_micro_batches
-            and self._strategy is None
-        )
-
-    # ------------------------------------------------------------------
-    # Pieces of the update (called by the cycle driver).
-
-    def _clip(self, grads, square_norms=None):
-        return transforms.clip_gradients(
-            grads,
-            clipvalue=self.clipvalue,
-            clipnorm=self.clipnorm,
-            global_clipnorm=self.global_clipnorm,
-            square_norms=square_norms,
-        )
-
-    def _noise_std_at(self, step):
-        return transforms.noise_std(self.noise_eta, self.noise_gamma, step)
-
-    def _add_noise(self, grads, indices, sigma):
-        seed = ops.convert_to_tensor(self._noise_seed_variable)
-        step = ops.convert_to_tensor(self._iterations_variable)
-        shapes = [tuple(v.shape) for v in private_api.trainable_variables(self)]
-        noise = transforms.gaussian_noise(shapes, seed, step, wanted=indices)
-        return [
-            ops.add(grad, ops.multiply(sigma, draw))
-            for grad, draw in zip(grads, noise)
-        ]
-
-    def _apply_rule(self, grads, variables, micro_variances):
-        """Weight decay and the update rule for each variable, the weights'
-        moving average, then the variables' constraints (Keras's order)."""
-        learning_rate = self._scaled_learning_rate()
-        object.__setattr__(self, "_update_scalars", {})
-        try:
-            for grad, variable, variance in zip(
-                grads, variables, micro_variances
-            ):
-                self._apply_rule_to_variable(
-                    grad, variable, learning_rate, variance
-                )
-        finally:
-            object.__setattr__(self, "_update_scalars", None)
-        if self.use_ema:
-            self._update_moving_averages()
-        for variable in variables:
-            self._apply_constraint(variable)
-
-    def _once_per_update(self, key, compute):
-        """`compute()`, computed once per update for all the variables that
-        ask with the same `key` (a rule's scalars: its step size, its
-        decays), not once per variable: a model with hundreds of tensors
-        would otherwise trace and compile hundreds of copies."""
-        scalars = getattr(self, "_update_scalars", None)
-        if scalars is None:
-            return compute()
-        if key not in scalars:
-            scalars[key] = compute()
-        return scalars[key]
-
-    def _apply_rule_to_variable(self, grad, variable, learning_rate, variance):
-        self._decay_weight(variable, learning_rate)
-        self.update_step(
-            grad, variable, learning_rate, micro_batch_variance=variance
-        )
-
-    def _apply_constraint(self, variable):
-        constraint = getattr(variable, "constraint", None)
-        if constraint is not None:
-            self.assign(variable, constraint(variable))
-
-    def _decay_weight(self, variable, learning_rate):
-        if self.weight_decay and private_api.uses_weight_decay(self, variable):
-            wd, lr = self._once_per_update(
-                ("weight_decay", str(variable.dtype)),
-                lambda: self._weight_decay_scalars(
-                    learning_rate, variable.dtype
-                ),
-            )
-            self.assign(variable, variable - variable * wd * lr)
-
-    def _weight_decay_scalars(self, learning_rate, dtype):
-        """`(weight_decay, learning_rate)` of this update in `dtype`."""
-        lr = ops.cast(learning_rate, dtype)
-        wd = ops.cast(self.weight_decay, dtype)
-        factor = getattr(self, "_weight_decay_factor", None)
-        if factor is not None:
-            # Moved with K by a batch-size policy (Adam, AdamW; 1 until
-            # then, which leaves `wd` as it is).
-            factor = ops.convert_to_tensor(factor)
-            wd = ops.where(
-                ops.equal(factor, 1.0),
-                wd,
-                ops.cast(ops.multiply(float(self.weight_decay), factor), dtype),
-            )
-        return wd, lr
-
-    def update_step(
-        self, gradient, variable, learning_rate, micro_batch_variance=None
-    ):
-        """Applies the update rule to one variable.
-
-        Args:
-            gradient: The clipped, noised mean gradient (float32).
-            variable: The variable to update.
-            learning_rate: The learning rate of this update.
-            micro_batch_variance: For rules that read it (Adam's "micro"
-                second moment), `c**2 * W`, the elementwise variance of the
-                cycle's micro-batch gradients scaled by the clip factor;
-                `None` when there is no accumulation.
-        """
-        raise NotImplementedError
-
-    def _update_moving_averages(self):
-        iterations = self._iterations_variable
-        not_first = ops.not_equal(iterations, 0)
-        pairs = [
-            (variable, average)
-            for variable, average in zip(
-                private_api.trainable_variables(self),
-                self._model_variables_moving_average,
-            )
-            if average is not None
-        ]
-        for variable, average in pairs:
-            momentum = ops.multiply(
-                ops.cast(not_first, variable.dtype), self.ema_momentum
-            )
-            self.assign(average, momentum * average + (1 - momentum) * variable)
-        if self.ema_overwrite_frequency:
-            overwrite = ops.equal(
-                ops.mod(iterations + 1, self.ema_overwrite_frequency), 0
-            )
-            for variable, average in pairs:
-                self.assign(
-                    variable,
-                    ops.where(
-                        overwrite,
-                        ops.convert_to_tensor(average),
-                        ops.convert_to_tensor(variable),
-                    ),
-                )
-
-    # ------------------------------------------------------------------
-    # Gated writes: a skipped update leaves every variable unchanged.
-
-    def _run_gated(self, gate, fn):
-        """Runs `fn` so that its writes take effect only where `gate` holds.
-
-        Our own rules write through `self.assign*`, so a select per write
-        suffices: it fuses into the update and moves no extra bytes.
-        """
-        if gate is None:
-            fn()
-            return
-        previous = self._update_gate
-        object.__setattr__(self, "_update_gate", gate)
-        try:
-            fn()
-        finally:
-            object.__setattr__(self, "_update_gate", previous)
-
-    def assign(self, variable, value):
-        if self._update_gate is not None:
-            value = ops.where(
-                self._update_gate,
-                ops.cast(value, variable.dtype),
-                ops.convert_to_tensor(variable),
-            )
-        super().assign(variable, value)
-
-    def assign_add(self, variable, value):
-        if self._update_gate is not None:
-            self.assign(
-                variable, ops.add(ops.convert_to_tensor(variable), value)
-            )
-        else:
-            super().assign_add(variable, value)
-
-    def assign_sub(self, variable, value):
-        if self._update_gate is not None:
-            self.assign(
-                variable, ops.subtract(ops.convert_to_tensor(variable), value)
-            )
-        else:
-            super().assign_sub(variable, value)
-
     # ------------------------------------------------------------------
     # Gradient statistics.
 
@@ -896,41 +561,11 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
                 (4 bytes per parameter) where the update rule does not, for
                 per-coordinate variances (the monitor's histograms).
         """
-        if self.track_gradient_statistics and (
-            self._keeps_square_sums or not per_coordinate
-        ):
-            return
-        was_tracking = self.track_gradient_statistics
-        self.track_gradient_statistics = True
-        had_square_sums = self._keeps_square_sums
-        self._per_coordinate_statistics |= bool(per_coordinate)
-        if not self.built:
-            return
         scope = contextlib.nullcontext()
         if self._strategy is not None:
             scope = self._strategy.scope()
-        variables = private_api.trainable_variables(self)
-        accumulator = self._accumulator
         with scope:
-            if not was_tracking:
-                object.__setattr__(
-                    self,
-                    "_statistics",
-                    GradientStatistics(self, len(variables)),
-                )
-            if not accumulator.accumulates:
-                return
-            position = int(ops.convert_to_numpy(accumulator.position))
-            if not had_square_sums and self._keeps_square_sums:
-                accumulator.add_square_sums(variables)
-                if position:
-                    accumulator.cycle_samples.assign(-1)
-            if not was_tracking:
-                accumulator.add_square_norm_sums(len(variables))
-                if had_square_sums:
-                    accumulator.complete_square_norm_sums()
-                elif position:
-                    accumulator.cycle_samples.assign(-1)
+            self._pipeline.enable_statistics(per_coordinate)
 
     def _require_statistics(self, method):
         if not self.track_gradient_statistics:
@@ -979,7 +614,7 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
         >>> float(opt.gradient_statistics()["noise_scale"])
         """
         self._require_statistics("gradient_statistics")
-        return self._statistics.snapshot()
+        return self._pipeline.statistics.snapshot()
 
     def running_gradient_statistics(self) -> dict[str, Any]:
         """Returns bias-corrected running averages of the statistics.
@@ -1003,190 +638,8 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
             ValueError: if statistics are off or the optimizer is not built.
         """
         self._require_statistics("running_gradient_statistics")
-        return self._statistics.running_averages(self.accumulation_steps)
-
-    # ------------------------------------------------------------------
-    # Saved state: refuse a layout that does not fit instead of dropping it.
-
-    def save_own_variables(self, store):
-        """Saves every optimizer variable, plus a description of the layout
-        so that loading into a different configuration fails clearly."""
-        for i, variable in enumerate(self.variables):
-            store[str(i)] = ops.convert_to_numpy(variable)
-        store[layout.LAYOUT_KEY] = layout.encode(self._layout())
-
-    def load_own_variables(self, store):
-        """Restores every optimizer variable from `store`.
-
-        State saved before the optimizer was built (a model compiled and
-        saved before training) restores the counters it has and leaves the
-        rest fresh. State restored into an optimizer not built yet (a
-        pickled or deep-copied optimizer) is kept and applied by `build`.
-
-        Raises:
-            ValueError: if the saved state was written by a different
-                optimizer class, a configuration with a different set of
-                slots, or for different variables. Keras itself only warns
-                and silently drops all optimizer state in that case.
-        """
-        saved = layout.saved_layout(store)
-        arrays = layout.saved_arrays(store)
-        if saved is not None and not saved.get("built", True):
-            self._load_unbuilt_state(saved, arrays)
-            return
-        if not self.built:
-            object.__setattr__(self, "_pending_state", (saved, arrays))
-            return
-        self._restore(saved, arrays)
-
-    def _restore(self, saved, arrays):
-        """Restores saved state, adapting to whether statistics were on.
-
-        Statistics are switched on by callbacks (the monitor, adaptive
-        accumulation) at the start of `fit`, which may be after a callback
-        such as `BackupAndRestore` has restored state written with them on:
-        they are switched on here first. State saved without them restores
-        everything else; they start fresh (from the next cycle, if the
-        state is mid-cycle).
-        """
-        settings = (saved or {}).get("settings", {})
-        if saved is not None and saved.get("format") == layout.FORMAT:
-            if (
-                settings.get("statistics")
-                and not self.track_gradient_statistics
-            ):
-                self.enable_gradient_statistics(
-                    per_coordinate=bool(settings.get("sum_of_squares"))
-                )
-            elif settings.get("sum_of_squares") and not self._keeps_square_sums:
-                self.enable_gradient_statistics(per_coordinate=True)
-        variables = self._variables_in(settings) if saved else self.variables
-        expected = self._layout()
-        expected["settings"] = dict(
-            expected["settings"],
-            statistics=settings.get(
-                "statistics", self.track_gradient_statistics
-            ),
-            sum_of_squares=settings.get(
-                "sum_of_squares", self._keeps_square_sums
-            ),
-        )
-        if "hyperparameter_transfer" in expected["settings"]:
-            # Files written before the switches existed hold none: they
-            # keep their neutral values (off, factor 1).
-            expected["settings"]["hyperparameter_transfer"] = settings.get(
-                "hyperparameter_transfer"
-            )
-        expected["variables"] = layout.describe("", True, {}, variables)[
-            "variables"
-        ]
-        layout.check(saved, arrays, expected)
-        for variable, array in zip(variables, arrays):
-            variable.assign(array)
-        self._check_restored_cycle()
-        accumulator = self._accumulator
-        roles = self._roles
-        missing = {roles.get(id(v)) for v in self.variables} - {
-            roles.get(id(v)) for v in variables
-        }
-        missing -= {
-            "beta_1_transfer",
-            "beta_2_transfer",
-            "weight_decay_transfer",
-        }
-        if missing and accumulator.accumulates:
-            # Statistics on here but not in the saved state.
-            accumulator.complete_square_norm_sums()
-
-    def _variables_in(self, settings):
-        """This optimizer's variables that state saved with `settings`
-        holds: without statistics there, not theirs (nor the sums that
-        only they need)."""
-        dropped = set()
-        if not settings.get("statistics"):
-            dropped |= {"statistic", "running_statistic", "square_norm_sum"}
-        if not settings.get("sum_of_squares"):
-            dropped.add("square_sum")
-        if not (settings.get("statistics") or settings.get("sum_of_squares")):
-            dropped.add("cycle_samples")
-        if not settings.get("hyperparameter_transfer"):
-            dropped |= {
-                "beta_1_transfer",
-                "beta_2_transfer",
-                "weight_decay_transfer",
-            }
-        roles = self._roles
-        return [v for v in self.variables if roles.get(id(v)) not in dropped]
-
-    def _load_unbuilt_state(self, saved, arrays):
-        """The state of an optimizer saved before it was built: Keras's own
-        variables (the update counter, the learning rate)."""
-        variables = self._keras_variables()
-        expected = layout.describe(
-            self._layout()["class"], False, self._layout_settings(), variables
-        )
-        layout.check(saved, arrays, expected)
-        for variable, array in zip(variables, arrays):
-            variable.assign(array)
-
-    def _keras_variables(self):
-        """The variables that exist before `build` (Keras's own)."""
-        return private_api.keras_variables(self)
-
-    def _apply_pending_state(self):
-        """Restores state loaded before `build`. Keras may build the
-        optimizer while it traces the first training step: the restore
-        runs outside that trace, so that it takes effect at once."""
-        pending = self._pending_state
-        if pending is not None:
-            object.__setattr__(self, "_pending_state", None)
-            with common.outside_trace():
-                self._restore(*pending)
-
-    def _check_restored_cycle(self):
-        accumulator = self._accumulator
-        if accumulator.cycle_samples is None or not accumulator.square_sums:
-            return
-        position = int(ops.convert_to_numpy(accumulator.position))
-        saved = int(ops.convert_to_numpy(accumulator.cycle_samples))
-        now = self._samples_per_micro_batch()
-        if position and saved != now:
-            raise ValueError(
-                f"This state was saved {position} micro-batches into an "
-                f"accumulation cycle whose sums of squares came from {saved} "
-                f"replica(s); here they would come from {now}. Samples of "
-                "two batch sizes cannot be combined into one variance. "
-                "Restore onto the same number of replicas, or save at a "
-                "cycle boundary."
-            )
-
-    def _samples_per_micro_batch(self):
-        """Gradient samples per micro-batch: R when each of R replicas'
-        gradients is a sample of its own, else 1."""
-        if self._strategy is None:
-            return 1
-        from keras_gradtools.backends import tf_distribute
-
-        return tf_distribute.samples_per_micro_batch(self)
-
-    def _layout_settings(self):
-        """The settings that decide which variables exist and what they
-        mean. Subclasses with slots of their own add theirs."""
-        return {
-            "max_accumulation_steps": self.max_accumulation_steps,
-            "sum_of_squares": self._keeps_square_sums,
-            "noise": self.noise_eta > 0,
-            "use_ema": bool(self.use_ema),
-            "statistics": self.track_gradient_statistics,
-            **({"weighted": True} if self.weighted_accumulation else {}),
-        }
-
-    def _layout(self):
-        return layout.describe(
-            type(self).__name__,
-            self.built,
-            self._layout_settings(),
-            self.variables,
+        return self._pipeline.statistics.running_averages(
+            self.accumulation_steps
         )
 
     # ------------------------------------------------------------------
@@ -1195,34 +648,114 @@ class GradientPipelineOptimizer(optimizers.Optimizer):
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.pop("gradient_accumulation_steps", None)
-        config.update(self._pipeline_config())
+        config.update(self._pipeline.settings.config())
         return config
 
-    def _pipeline_config(self):
-        """The pipeline's own arguments (shared with the wrapper's config)."""
-        return {
-            # The configured K; the current one is state.
-            "accumulation_steps": self._initial_accumulation_steps,
-            "max_accumulation_steps": self.max_accumulation_steps,
-            "noise_eta": self.noise_eta,
-            "noise_gamma": self.noise_gamma,
-            "noise_seed": self.noise_seed,
-            "clip_micro_batches": self.clip_micro_batches,
-            "sync_micro_batches": self.sync_micro_batches,
-            "weighted_accumulation": self.weighted_accumulation,
-            "on_nonfinite": self.on_nonfinite,
-            "track_gradient_statistics": self.track_gradient_statistics,
-            "jit_compile": self.jit_compile,
-        }
+
+def _setting(name, doc):
+    """A property of the optimizer that reads and writes the pipeline's
+    setting `name`."""
+
+    def get(self):
+        return getattr(self._pipeline.settings, name)
+
+    def set_(self, value):
+        setattr(self._pipeline.settings, name, value)
+
+    return property(get, set_, doc=doc)
 
 
-GradientPipelineOptimizer.__doc__ = GradientPipelineOptimizer.__doc__.replace(
-    "{{pipeline_keyword_args}}", pipeline_keyword_args
-)
+for _argument in arguments.PIPELINE_ARGUMENTS:
+    if _argument.name not in (
+        "accumulation_steps",
+        "gradient_accumulation_steps",
+    ):
+        setattr(
+            GradientPipelineOptimizer,
+            _argument.name,
+            _setting(_argument.name, _argument.doc),
+        )
+arguments.declare_arguments(GradientPipelineOptimizer)
 if backend.backend() == "tensorflow":
     GradientPipelineOptimizer.apply = backends.current().not_for_autograph(
         GradientPipelineOptimizer.apply
     )
+
+
+class PipelineHooks:
+    """The optimizer as its pipeline sees it: the hooks of
+    `pipeline/hooks.py`, and nothing else."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+
+    def make_state(self, name, **options):
+        return self._optimizer._add_state(name, **options)
+
+    def apply_rule(self, grads, variables, variances, placement):
+        self._optimizer._apply_rule(grads, variables, variances, placement)
+
+    def gated(self, gate, fn):
+        self._optimizer._run_gated(gate, fn)
+
+    def assign(self, variable, value):
+        self._optimizer.assign(variable, value)
+
+    @property
+    def iterations(self):
+        return private_api.iterations_variable(self._optimizer)
+
+    @property
+    def reads_micro_variance(self):
+        return self._optimizer._reads_micro_variance
+
+    @property
+    def strategy(self):
+        return self._optimizer._strategy
+
+    @property
+    def name(self):
+        return self._optimizer.name
+
+    def trainable_variables(self):
+        return private_api.trainable_variables(self._optimizer)
+
+    def variable_index(self, variable):
+        return private_api.variable_index(self._optimizer, variable)
+
+    def overwrites_with_gradient(self, variable):
+        return private_api.overwrites_with_gradient(self._optimizer, variable)
+
+    def state_variables(self):
+        """Every variable an update reads or writes: the optimizer's and
+        the model's (JAX threads them through its branch)."""
+        optimizer = self._optimizer
+        return optimizer.variables + list(
+            private_api.trainable_variables(optimizer)
+        )
+
+    def learning_rate_owner(self):
+        return self._optimizer._learning_rate_owner()
+
+
+def _check_keras_arguments(kwargs):
+    """Validates the `keras.optimizers.Optimizer` arguments Keras itself
+    leaves unchecked until they fail inside a compiled update."""
+    if kwargs.get("weight_decay") is not None:
+        kwargs["weight_decay"] = validation.check_float(
+            "weight_decay", kwargs["weight_decay"], minimum=0
+        )
+    if kwargs.get("use_ema"):
+        kwargs["ema_momentum"] = validation.check_float(
+            "ema_momentum", kwargs.get("ema_momentum", 0.99), 0, 1
+        )
+    if kwargs.get("loss_scale_factor") is not None:
+        kwargs["loss_scale_factor"] = validation.check_float(
+            "loss_scale_factor",
+            kwargs["loss_scale_factor"],
+            minimum=0,
+            open_min=True,
+        )
 
 
 def slot_dtype(dtype) -> str:
@@ -1232,26 +765,3 @@ def slot_dtype(dtype) -> str:
     if dtype in ("float16", "bfloat16"):
         return "float32"
     return dtype
-
-
-def _check_gradient_matches(grad, variable):
-    values = sparse.values_of(grad)
-    grad_shape = tuple(getattr(grad, "shape", ()) or ())
-    if sparse.is_sparse(grad):
-        grad_shape = tuple(variable.shape)
-    var_shape = tuple(variable.shape)
-    compatible = len(grad_shape) == len(var_shape) and all(
-        g is None or v is None or g == v for g, v in zip(grad_shape, var_shape)
-    )
-    path = common.variable_path(variable)
-    if not compatible:
-        raise ValueError(
-            f"The gradient for variable '{path}' has shape {grad_shape}, but "
-            f"the variable has shape {var_shape}."
-        )
-    dtype = backend.standardize_dtype(values.dtype)
-    if not dtype.startswith(("float", "bfloat")):
-        raise ValueError(
-            f"The gradient for variable '{path}' has dtype {dtype}; "
-            "gradients must be floating point."
-        )

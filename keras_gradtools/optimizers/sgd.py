@@ -4,9 +4,9 @@ from typing import Any
 
 from keras import ops
 
-from keras_gradtools.optimizers import validation
+from keras_gradtools import validation
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
+from keras_gradtools.pipeline import arguments
 from keras_gradtools.registration import register
 from keras_gradtools.types import LearningRate
 
@@ -94,6 +94,4 @@ class SGD(GradientPipelineOptimizer):
         return config
 
 
-SGD.__doc__ = SGD.__doc__.replace(
-    "{{pipeline_keyword_args}}", pipeline_keyword_args
-)
+arguments.declare_arguments(SGD)

@@ -7,9 +7,8 @@ from keras import saving
 
 from keras_gradtools.backends import private_api
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.docstrings import pipeline_keyword_args
+from keras_gradtools.pipeline import arguments
 from keras_gradtools.registration import register
-from keras_gradtools.types import NonfinitePolicy
 
 _INNER_SETTINGS_WE_OWN = (
     "clipnorm",
@@ -46,46 +45,21 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
     def __init__(
         self,
         inner_optimizer: optimizers.Optimizer | str,
-        accumulation_steps: int | None = None,
-        noise_eta: float = 0.0,
-        noise_gamma: float = 0.55,
-        noise_seed: int | None = None,
-        clip_micro_batches: bool = False,
-        on_nonfinite: NonfinitePolicy = "skip",
-        track_gradient_statistics: bool = False,
-        jit_compile: bool = True,
-        max_accumulation_steps: int | None = None,
-        sync_micro_batches: bool = False,
-        weighted_accumulation: bool = False,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        gradient_accumulation_steps: int | None = None,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
+        pipeline_arguments = arguments.split_arguments(kwargs)
+        for argument in arguments.CLIP_ARGUMENTS:
+            if argument.name in kwargs:
+                pipeline_arguments[argument.name] = kwargs.pop(argument.name)
         _refuse_inner_arguments(kwargs)
         inner_optimizer = _check_inner(inner_optimizer)
         super().__init__(
             # The inner optimizer owns the learning rate (see the property).
             learning_rate=_no_learning_rate,
-            accumulation_steps=accumulation_steps,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            noise_eta=noise_eta,
-            noise_gamma=noise_gamma,
-            noise_seed=noise_seed,
-            clip_micro_batches=clip_micro_batches,
-            on_nonfinite=on_nonfinite,
-            track_gradient_statistics=track_gradient_statistics,
-            jit_compile=jit_compile,
-            max_accumulation_steps=max_accumulation_steps,
-            sync_micro_batches=sync_micro_batches,
-            weighted_accumulation=weighted_accumulation,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
             loss_scale_factor=inner_optimizer.loss_scale_factor,
             name=name,
+            **pipeline_arguments,
         )
         self.inner_optimizer = inner_optimizer
         # The wrapper unscales the loss before accumulating; the inner
@@ -141,9 +115,9 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
     def _scaled_learning_rate(self):
         return self.learning_rate
 
-    def _apply_rule(self, grads, variables, micro_variances):
+    def _apply_rule(self, grads, variables, micro_variances, placement):
         del micro_variances
-        self.inner_optimizer.apply(grads, variables)
+        placement.apply_inner(self.inner_optimizer.apply, grads, variables)
 
     def _run_gated(self, gate, fn):
         # The inner optimizer writes its variables directly, so a skipped
@@ -151,7 +125,8 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         if gate is None:
             fn()
         else:
-            self._backend.run_if(gate, fn, self._state_variables())
+            pipeline = self.pipeline
+            pipeline.backend.run_if(gate, fn, pipeline.hooks.state_variables())
 
     def _layout(self):
         described = super()._layout()
@@ -181,7 +156,7 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
             "inner_optimizer": saving.serialize_keras_object(
                 self.inner_optimizer
             ),
-            **self._pipeline_config(),
+            **self.pipeline.settings.config(),
             "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue,
             "global_clipnorm": self.global_clipnorm,
@@ -196,8 +171,9 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         return cls(inner, **config)
 
 
-GradientPipelineWrapper.__doc__ = GradientPipelineWrapper.__doc__.replace(
-    "{{pipeline_keyword_args}}", pipeline_keyword_args
+arguments.declare_arguments(
+    GradientPipelineWrapper,
+    arguments.PIPELINE_ARGUMENTS + arguments.CLIP_ARGUMENTS,
 )
 
 
@@ -218,14 +194,12 @@ def wrap(
     Args:
         optimizer: A `keras.optimizers.Optimizer` instance or a name that
             `keras.optimizers.get` understands (e.g. `"lion"`).
-        **kwargs: The arguments of `GradientPipelineWrapper`:
-            `accumulation_steps`, `max_accumulation_steps`, `noise_eta`,
-            `noise_gamma`, `noise_seed`, `clipnorm`, `clipvalue`,
-            `global_clipnorm`, `clip_micro_batches`, `sync_micro_batches`,
-            `on_nonfinite`, `track_gradient_statistics`, `jit_compile`,
-            `name` (see `keras_gradtools.SGD` for their meaning). The update
-            rule's own arguments (`learning_rate`, `weight_decay`, ...) go
-            to the inner optimizer.
+        **kwargs: The arguments of `GradientPipelineWrapper`: the
+            pipeline's (`keras_gradtools.pipeline.arguments`, documented
+            on `keras_gradtools.SGD`), `clipnorm`, `clipvalue`,
+            `global_clipnorm` and `name`. The update rule's own arguments
+            (`learning_rate`, `weight_decay`, ...) go to the inner
+            optimizer.
 
     Returns:
         A `GradientPipelineWrapper` around `optimizer`.
@@ -264,13 +238,13 @@ def _refuse_inner_arguments(kwargs):
             f"keras_gradtools.wrap(keras.optimizers.AdamW({settings}), ...). "
             "The wrapper takes the pipeline's arguments only."
         )
+    accepted = [
+        a.name for a in arguments.PIPELINE_ARGUMENTS + arguments.CLIP_ARGUMENTS
+    ]
     raise TypeError(
         "GradientPipelineWrapper got unexpected keyword argument(s) "
         f"{sorted(kwargs)}. It takes the inner optimizer and the pipeline's "
-        "arguments: accumulation_steps, max_accumulation_steps, noise_eta, "
-        "noise_gamma, noise_seed, clipnorm, clipvalue, global_clipnorm, "
-        "clip_micro_batches, sync_micro_batches, on_nonfinite, "
-        "track_gradient_statistics, jit_compile, name."
+        f"arguments: {', '.join(accepted + ['name'])}."
     )
 
 

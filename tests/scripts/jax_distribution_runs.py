@@ -395,7 +395,7 @@ def check_adaptive(used):
     model = frozen_linear_model(optimizer)
     adaptive = kg.AdaptiveAccumulation(32, update_freq=64)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[adaptive])
-    steps = optimizer._accumulator.steps.value
+    steps = optimizer.pipeline.accumulator.steps.value
     report(
         check="adaptive",
         devices=used,
@@ -454,10 +454,10 @@ def check_transfer(used):
         ],
         per_device={
             "accumulation_steps": per_device(
-                optimizer._accumulator.steps.value
+                optimizer.pipeline.accumulator.steps.value
             ),
             "learning_rate_factor": per_device(
-                optimizer._accumulator.learning_rate_factor.value
+                optimizer.pipeline.accumulator.learning_rate_factor.value
             ),
             "weight_decay_factor": per_device(
                 optimizer._weight_decay_factor.value

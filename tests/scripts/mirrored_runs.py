@@ -308,7 +308,7 @@ def save_mid_cycle(directory):
         partial_sums = [
             float(np.sum(c))
             for c in strategy.experimental_local_results(
-                opt._accumulator.gradient_sums[0].value
+                opt.pipeline.accumulator.gradient_sums[0].value
             )
         ]
         with open(os.path.join(directory, f"{kind}_sums.json"), "w") as f:
@@ -361,7 +361,7 @@ def check_checkpoint(directory, replica_counts):
                     result["sums_restored"] = [
                         float(np.sum(c))
                         for c in target.experimental_local_results(
-                            restored_opt._accumulator.gradient_sums[0].value
+                            restored_opt.pipeline.accumulator.gradient_sums[0].value
                         )
                     ]
                     custom_loop(
@@ -662,7 +662,7 @@ def _adaptive_on_replicas(strategy, replicas):
         model = frozen_linear_model(optimizer)
     adaptive = kg.AdaptiveAccumulation(32, update_freq=64)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[adaptive])
-    accumulator = optimizer._accumulator
+    accumulator = optimizer.pipeline.accumulator
     per_replica = [
         [
             int(np.asarray(c))

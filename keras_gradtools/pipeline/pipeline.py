@@ -1,4 +1,5 @@
-"""The cycle driver: one micro-batch through the pipeline (docs/design.md §1).
+"""The pipeline: one micro-batch's way from `apply` to the weight update
+(docs/design.md §1).
 
     apply(grads)                                   (optimizer.apply)
       local half    cast to float32; [clip each micro-batch]; squared norms
@@ -11,31 +12,28 @@
       statistics    from |g_bar|**2 and the accumulator's Σ|g|²
       clip          value, per-tensor norm or global norm
       noise         + sigma_t * N(0, I), one draw per update
-      rule          weight decay, `update_step`, constraints, EMA
+      rule          weight decay, `update_step`, EMA, constraints (the
+                    optimizer's hook, `hooks.py`)
       iterations += 1
+    all of update's writes are gated: a skipped update writes nothing.
 
-On one device (and on JAX, where `keras.distribution` shards the arrays
-and XLA the computation) `run` does both halves. Under a `tf.distribute`
-strategy `backends/tf_distribute.py` runs the local half on each replica
-and the global half once, in cross-replica context, and passes a
-`placement` that applies the rule to every replica's copy.
+The `Pipeline` owns the stages and their state (the accumulator, the
+statistics, the noise seed) and asks its optimizer only for the hooks of
+`hooks.py`. On one device (and on JAX, where `keras.distribution` shards
+the arrays and XLA the computation) `run` does both halves. Under a
+`tf.distribute` strategy `backends/tf_distribute.py` runs the local half
+on each replica and the global half once, in cross-replica context, and
+passes a placement that applies the rule to every replica's copy.
 """
 
 from keras import ops
 
 from keras_gradtools import transforms
+from keras_gradtools.pipeline import stages
+from keras_gradtools.pipeline.accumulator import GradientAccumulator
+from keras_gradtools.pipeline.hooks import LOCAL
+from keras_gradtools.pipeline.statistics import GradientStatistics
 from keras_gradtools.transforms import sparse
-
-
-class LocalPlacement:
-    """Applies the update rule to the variables themselves (one device, or
-    JAX arrays sharded by `keras.distribution`)."""
-
-    def apply_rule(self, optimizer, grads, variables, variances):
-        optimizer._apply_rule(grads, variables, variances)
-
-
-LOCAL = LocalPlacement()
 
 
 class LocalHalf:
@@ -67,17 +65,149 @@ def _and(a, b):
     return ops.logical_and(a, b)
 
 
-class CycleDriver:
-    """Runs the pipeline of `optimizer`, whose parts it reads: the
-    accumulator, the statistics, the clipping and noise settings and the
-    update rule."""
+class Pipeline:
+    """The gradient pipeline of one optimizer: its stages, their state, and
+    the one order they run in.
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
+    Args:
+        settings: The validated `PipelineSettings` (shared with the
+            optimizer, which exposes them as its attributes).
+        hooks: The optimizer's `UpdateRuleHooks` (see `hooks.py`).
+        backend: The backend module (`keras_gradtools.backends.current()`).
+    """
+
+    def __init__(self, settings, hooks, backend):
+        self.settings = settings
+        self.hooks = hooks
+        self.backend = backend
+        self.clip = stages.Clip(settings)
+        # Made by `build`:
+        self.accumulator = None
+        self.statistics = None
+        self.noise = None
+        self.overwritten = []
+        # Compiled functions of the backend, keyed by variable set.
+        self.compiled = {}
+        # Per-coordinate sums of squares for the statistics (histograms),
+        # on top of the per-variable scalars: switched on by the monitor.
+        self.per_coordinate_statistics = False
+
+    # ------------------------------------------------------------------
+    # State.
+
+    def build(self, variables):
+        """Creates the pipeline's state for the model `variables`."""
+        settings = self.settings
+        hooks = self.hooks
+        self.overwritten = [
+            hooks.overwrites_with_gradient(v) for v in variables
+        ]
+        self.accumulator = GradientAccumulator(
+            hooks.make_state,
+            variables,
+            self.overwritten,
+            self.backend,
+            max_steps=settings.max_accumulation_steps,
+            steps=settings.accumulation_steps,
+            square_sums=self.keeps_square_sums,
+            square_norm_sums=settings.track_gradient_statistics,
+            weighted=settings.weighted_accumulation,
+        )
+        if settings.noise:
+            seed = hooks.make_state(
+                "noise_seed", dtype="int32", initial=settings.noise_seed
+            )
+            shapes = [tuple(v.shape) for v in variables]
+            self.noise = stages.Noise(settings, seed, shapes)
+        if settings.track_gradient_statistics:
+            self.statistics = GradientStatistics(
+                hooks.make_state, len(variables)
+            )
 
     @property
-    def accumulator(self):
-        return self.optimizer._accumulator
+    def built(self):
+        return self.accumulator is not None
+
+    @property
+    def keeps_square_sums(self):
+        """Whether the per-coordinate Σg² is kept: for a rule that reads
+        the within-update variance, or per-coordinate statistics."""
+        return self.settings.accumulates and (
+            self.hooks.reads_micro_variance or self.per_coordinate_statistics
+        )
+
+    @property
+    def overwritten_indices(self):
+        """The indices of the variables Keras overwrites with their
+        gradient (float8 scales)."""
+        return [i for i, flag in enumerate(self.overwritten) if flag]
+
+    def variable_indices(self, variables):
+        return [self.hooks.variable_index(v) for v in variables]
+
+    def enable_statistics(self, per_coordinate=False):
+        """Switches the statistics on (see the optimizer's
+        `enable_gradient_statistics`); creates the missing state when
+        built. Returns nothing."""
+        settings = self.settings
+        if settings.track_gradient_statistics and (
+            self.keeps_square_sums or not per_coordinate
+        ):
+            return
+        was_tracking = settings.track_gradient_statistics
+        settings.track_gradient_statistics = True
+        had_square_sums = self.keeps_square_sums
+        self.per_coordinate_statistics |= bool(per_coordinate)
+        if not self.built:
+            return
+        variables = self.hooks.trainable_variables()
+        accumulator = self.accumulator
+        if not was_tracking:
+            self.statistics = GradientStatistics(
+                self.hooks.make_state, len(variables)
+            )
+        if not accumulator.accumulates:
+            return
+        position = int(ops.convert_to_numpy(accumulator.position))
+        if not had_square_sums and self.keeps_square_sums:
+            accumulator.add_square_sums(variables)
+            if position:
+                accumulator.cycle_samples.assign(-1)
+        if not was_tracking:
+            accumulator.add_square_norm_sums(len(variables))
+            if had_square_sums:
+                accumulator.complete_square_norm_sums()
+            elif position:
+                accumulator.cycle_samples.assign(-1)
+
+    def samples_per_micro_batch(self):
+        """Gradient samples per micro-batch: R when each of R replicas'
+        gradients is a sample of its own, else 1."""
+        if self.hooks.strategy is None:
+            return 1
+        from keras_gradtools.backends import tf_distribute
+
+        return tf_distribute.samples_per_micro_batch(self)
+
+    def check_restored_cycle(self):
+        """Raises a `ValueError` if restored state is in the middle of a
+        cycle whose sums of squares came from another number of replicas
+        than this pipeline's."""
+        accumulator = self.accumulator
+        if accumulator.cycle_samples is None or not accumulator.square_sums:
+            return
+        position = int(ops.convert_to_numpy(accumulator.position))
+        saved = int(ops.convert_to_numpy(accumulator.cycle_samples))
+        now = self.samples_per_micro_batch()
+        if position and saved != now:
+            raise ValueError(
+                f"This state was saved {position} micro-batches into an "
+                f"accumulation cycle whose sums of squares came from {saved} "
+                f"replica(s); here they would come from {now}. Samples of "
+                "two batch sizes cannot be combined into one variance. "
+                "Restore onto the same number of replicas, or save at a "
+                "cycle boundary."
+            )
 
     # ------------------------------------------------------------------
     # One device.
@@ -85,7 +215,7 @@ class CycleDriver:
     def run(self, grads, variables, weight=None):
         """Consumes one micro-batch on one device (`weight`: its count,
         with `weighted_accumulation`)."""
-        indices = [self.optimizer._variable_index(v) for v in variables]
+        indices = self.variable_indices(variables)
         grads, indices = self.overwrite_with_gradients(grads, indices)
         local = self.local_half(grads, indices, weight=weight)
         if not self.accumulator.accumulates:
@@ -99,10 +229,10 @@ class CycleDriver:
         else:
             first, last, steps = local.flags
             self.accumulator.record_samples(first, 1)
-            self.optimizer._backend.run_if(
+            self.backend.run_if(
                 last,
                 lambda: self.finish_cycle(indices),
-                self.optimizer._state_variables(),
+                self.hooks.state_variables(),
             )
             self.accumulator.advance(first, last, steps)
         self.accumulator.count_micro_step()
@@ -112,16 +242,16 @@ class CycleDriver:
         (float8 scales): without accumulation they are overwritten now; with
         it, the cycle's maximum is kept and written by the update. Returns
         the other gradients and their indices."""
-        optimizer = self.optimizer
-        flags = optimizer._overwrite_flags
+        flags = self.overwritten
         overwritten = [(g, i) for g, i in zip(grads, indices) if flags[i]]
         if overwritten:
             if self.accumulator.accumulates:
                 first = self.accumulator.cycle_flags()[0]
                 self.accumulator.add_maxima(*zip(*overwritten), first)
             else:
+                model_variables = self.hooks.trainable_variables()
                 for grad, i in overwritten:
-                    optimizer._trainable_variable(i).assign(grad)
+                    model_variables[i].assign(grad)
         kept = [(g, i) for g, i in zip(grads, indices) if not flags[i]]
         return [g for g, _ in kept], [i for _, i in kept]
 
@@ -162,7 +292,7 @@ class CycleDriver:
         Returns:
             A `LocalHalf`.
         """
-        optimizer = self.optimizer
+        settings = self.settings
         accumulator = self.accumulator
         grads = [
             sparse.map_values(g, lambda x: ops.cast(x, "float32"))
@@ -170,8 +300,8 @@ class CycleDriver:
         ]
         if reduce is not None:
             grads = reduce(grads)
-        if optimizer.clip_micro_batches and clip:
-            grads, _ = optimizer._clip(grads)
+        if settings.clip_micro_batches and clip:
+            grads, _ = self.clip(grads)
         norms = None
         if self._reads_micro_batch_norms and grads:
             norms = transforms.square_norms(
@@ -179,15 +309,13 @@ class CycleDriver:
             )
         finite = None
         usable = None
-        if optimizer.weighted_accumulation:
+        if settings.weighted_accumulation:
             usable = ops.logical_and(
                 ops.isfinite(weight), ops.greater_equal(weight, 0.0)
             )
             weight = ops.where(usable, weight, 0.0)
-        if optimizer.on_nonfinite == "skip" and grads:
-            finite = transforms.all_finite(
-                [sparse.values_of(g) for g in grads], partial_sums=norms
-            )
+        if settings.on_nonfinite == "skip" and grads:
+            finite = stages.finite_check(grads, partial_sums=norms)
             if usable is not None:
                 finite = ops.logical_and(finite, usable)
             accumulator.count_skipped(finite, keeper)
@@ -215,15 +343,9 @@ class CycleDriver:
         the statistics' sums, or (without accumulation) the clip or the
         statistics of the update itself. The finite check then reads them
         too instead of summing the gradients once more."""
-        optimizer = self.optimizer
         if self.accumulator.accumulates:
             return self.accumulator.square_norm_sums is not None
-        return optimizer.track_gradient_statistics or (
-            transforms.needs_square_norms(
-                optimizer.clipnorm, optimizer.global_clipnorm
-            )
-            and not optimizer.clip_micro_batches
-        )
+        return self._update_reads_norms
 
     def finish_cycle(self, indices, placement=LOCAL):
         """The update at the end of a cycle, from the accumulated sums.
@@ -231,20 +353,20 @@ class CycleDriver:
         Under a strategy this runs in cross-replica context, where reading a
         sum adds up the replicas' copies.
         """
-        optimizer = self.optimizer
         accumulator = self.accumulator
         count = accumulator.total_count()
         means = accumulator.means(indices, count)
         samples, valid = accumulator.cycle_samples_and_validity()
         norm_sums = accumulator.norm_sums(indices, count, samples)
         mean_squares = None
-        if optimizer._reads_micro_variance:
+        if self.hooks.reads_micro_variance:
             mean_squares = accumulator.mean_squares(indices, count, samples)
             mean_squares = self._checked_mean_squares(
                 mean_squares, means, valid
             )
-        for i in optimizer._overwritten_indices:
-            optimizer._trainable_variable(i).assign(accumulator.maxima(i))
+        model_variables = self.hooks.trainable_variables()
+        for i in self.overwritten_indices:
+            model_variables[i].assign(accumulator.maxima(i))
         if not indices:
             accumulator.finish()
             return
@@ -254,11 +376,11 @@ class CycleDriver:
         if self._update_reads_norms:
             mean_norms = transforms.square_norms(means)
         gate = None
-        if optimizer.on_nonfinite == "skip":
+        if self.settings.on_nonfinite == "skip":
             # Finite micro-batches can still sum beyond float32's range
             # (two of 3e38): such a cycle is left out like a non-finite
             # micro-batch, and counted as one where the count is local.
-            sums_finite = transforms.all_finite(means, partial_sums=mean_norms)
+            sums_finite = stages.finite_check(means, partial_sums=mean_norms)
             if placement is LOCAL:
                 accumulator.count_skipped(
                     sums_finite, counted=ops.greater(count, 0)
@@ -284,7 +406,7 @@ class CycleDriver:
         TensorFlow graph fails with that message; eagerly, under XLA (which
         drops assertions) and on JAX, that one update takes the variance as
         zero (the "macro" second moment)."""
-        check = self.optimizer._backend.assert_in_graph(
+        check = self.backend.assert_in_graph(
             valid,
             "The accumulation cycle was begun on a different number of "
             "replicas (a checkpoint restored in the middle of a cycle onto "
@@ -297,10 +419,9 @@ class CycleDriver:
                 ops.where(valid, q, ops.square(g))
                 for q, g in zip(mean_squares, means)
             ]
-        import tensorflow as tf
-
-        with tf.control_dependencies([check]):
-            return [ops.copy(q) for q in mean_squares]
+        return self.backend.after(
+            check, lambda: [ops.copy(q) for q in mean_squares]
+        )
 
     def update(
         self,
@@ -332,24 +453,25 @@ class CycleDriver:
             valid: Whether the sums form one cycle at one batch size.
             placement: Where the rule writes (`LOCAL`, or every replica).
         """
-        optimizer = self.optimizer
         if not indices:
             return
+        settings = self.settings
+        hooks = self.hooks
         if mean_norms is None and self._update_reads_norms:
             mean_norms = transforms.square_norms(means)
         measured = None
-        if optimizer.track_gradient_statistics:
-            measured = optimizer._statistics.measure(
+        if self.statistics is not None:
+            measured = self.statistics.measure(
                 mean_norms, norm_sums, count, samples, indices, valid
             )
-        if optimizer.clip_micro_batches:
+        if settings.clip_micro_batches:
             clipped, factors = means, [None] * len(means)
         else:
-            clipped, factors = optimizer._clip(means, mean_norms)
+            clipped, factors = self.clip(means, mean_norms)
         sigma = None
-        if optimizer.noise_eta > 0:
-            sigma = optimizer._noise_std_at(optimizer._iterations_variable)
-            clipped = optimizer._add_noise(clipped, indices, sigma)
+        if self.noise is not None:
+            sigma = self.noise.std_at(hooks.iterations)
+            clipped = self.noise(clipped, indices, hooks.iterations, sigma)
         variances = [None] * len(means)
         if mean_squares is not None:
             # W at the micro-batch size: samples at 1/R of it vary R times
@@ -362,25 +484,26 @@ class CycleDriver:
                 )
                 for q, g, c in zip(mean_squares, means, factors)
             ]
-        variables = [optimizer._trainable_variable(i) for i in indices]
+        model_variables = hooks.trainable_variables()
+        variables = [model_variables[i] for i in indices]
 
         def write():
-            placement.apply_rule(optimizer, clipped, variables, variances)
+            hooks.apply_rule(clipped, variables, variances, placement)
             if measured is not None:
-                optimizer._statistics.record(optimizer, measured, sigma)
-            optimizer.assign_add(
-                optimizer._iterations_variable,
-                ops.ones((), optimizer._iterations_variable.dtype),
+                self.statistics.record(hooks.assign, measured, sigma)
+            iterations = hooks.iterations
+            hooks.assign(
+                iterations,
+                ops.add(
+                    ops.convert_to_tensor(iterations),
+                    ops.ones((), iterations.dtype),
+                ),
             )
 
-        optimizer._run_gated(gate, write)
+        hooks.gated(gate, write)
 
     @property
     def _update_reads_norms(self):
-        optimizer = self.optimizer
-        return optimizer.track_gradient_statistics or (
-            transforms.needs_square_norms(
-                optimizer.clipnorm, optimizer.global_clipnorm
-            )
-            and not optimizer.clip_micro_batches
+        return self.settings.track_gradient_statistics or stages.needs_norms(
+            self.settings
         )

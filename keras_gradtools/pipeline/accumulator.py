@@ -41,10 +41,13 @@ class GradientAccumulator:
     """ΣG, Σg², Σ|g|² and the cycle counters of one optimizer.
 
     Args:
-        owner: The optimizer whose state this is. It creates the variables
-            (`owner._add_state`), so that they are tracked, saved and, under
-            a strategy, per-replica where they must be.
+        make_state: `make_state(name, **options)`, the update rule's hook
+            that creates a variable of the pipeline's state (tracked, saved
+            and, under a strategy, per-replica where `local=True`).
         variables: The model variables, in build order.
+        overwritten: Per variable, whether Keras overwrites it with its
+            gradient (float8 scales): the cycle keeps its maximum.
+        backend: The backend module (`keras_gradtools.backends.current()`).
         max_steps: The largest K this optimizer accepts; sums exist only
             when it is above 1.
         steps: The K of the first cycle.
@@ -57,20 +60,25 @@ class GradientAccumulator:
 
     def __init__(
         self,
-        owner,
+        make_state,
         variables,
+        overwritten,
+        backend,
         max_steps,
         steps,
         square_sums,
         square_norm_sums,
         weighted=False,
     ):
-        self._owner = owner
+        self._make_state = make_state
+        self.overwritten = list(overwritten)
+        self._backend = backend
+        make = make_state
         self.max_steps = max_steps
         self.weighted = weighted
         self.weight = None
-        self.micro_steps = owner._add_state("micro_steps", dtype="int")
-        self.skipped_micro_batches = owner._add_state(
+        self.micro_steps = make("micro_steps", dtype="int")
+        self.skipped_micro_batches = make(
             "skipped_micro_batches", dtype="int", local=True
         )
         self.gradient_sums = []
@@ -79,34 +87,24 @@ class GradientAccumulator:
         self.cycle_samples = None
         if not self.accumulates:
             return
-        self.steps = owner._add_state(
-            "accumulation_steps", dtype="int32", initial=steps
-        )
+        self.steps = make("accumulation_steps", dtype="int32", initial=steps)
         # What the update multiplies the learning rate by: set with K (by
         # AdaptiveAccumulation) when the effective batch changes.
-        self.learning_rate_factor = owner._add_state(
-            "learning_rate_factor", initial=1.0
-        )
-        self.cycle_steps = owner._add_state(
-            "cycle_steps", dtype="int32", initial=steps
-        )
-        self.position = owner._add_state("cycle_position", dtype="int32")
-        self.count = owner._add_state("cycle_micro_batches", local=True)
+        self.learning_rate_factor = make("learning_rate_factor", initial=1.0)
+        self.cycle_steps = make("cycle_steps", dtype="int32", initial=steps)
+        self.position = make("cycle_position", dtype="int32")
+        self.count = make("cycle_micro_batches", local=True)
         if weighted:
-            self.weight = owner._add_state(
-                "cycle_weight", role="cycle_weight", local=True
-            )
+            self.weight = make("cycle_weight", role="cycle_weight", local=True)
         self.gradient_sums = [
-            owner._add_state(
-                "gradient_maximum"
-                if owner._overwrites_with_gradient(v)
-                else "gradient_sum",
+            make(
+                "gradient_maximum" if overwrites else "gradient_sum",
                 role="gradient_sum",
                 local=True,
                 reference=v,
-                keep_dtype=owner._overwrites_with_gradient(v),
+                keep_dtype=overwrites,
             )
-            for v in variables
+            for v, overwrites in zip(variables, self.overwritten)
         ]
         if square_sums:
             self.add_square_sums(variables)
@@ -120,18 +118,17 @@ class GradientAccumulator:
 
     def add_square_sums(self, variables):
         """Creates the per-coordinate Σg²."""
-        owner = self._owner
         self.square_sums = [
             None
-            if owner._overwrites_with_gradient(v)
-            else owner._add_state("square_sum", local=True, reference=v)
-            for v in variables
+            if overwrites
+            else self._make_state("square_sum", local=True, reference=v)
+            for v, overwrites in zip(variables, self.overwritten)
         ]
         self._add_cycle_samples()
 
     def add_square_norm_sums(self, count):
         """Creates the per-variable Σ|g|² (switching statistics on)."""
-        self.square_norm_sums = self._owner._add_state(
+        self.square_norm_sums = self._make_state(
             "square_norm_sum", shape=(count,), local=True
         )
         self._add_cycle_samples()
@@ -162,7 +159,7 @@ class GradientAccumulator:
         micro-batches of a cycle disagree: sums of squares taken at two batch
         sizes form no variance."""
         if self.cycle_samples is None:
-            self.cycle_samples = self._owner._add_state(
+            self.cycle_samples = self._make_state(
                 "cycle_samples", dtype="int32", initial=1
             )
 
@@ -239,7 +236,7 @@ class GradientAccumulator:
         The sums of variables without a gradient here restart with the
         cycle all the same.
         """
-        backend = self._owner._backend
+        backend = self._backend
         scale = square_scale = None
         if self.weighted:
             unit = ops.full((), count, "float32")
@@ -298,7 +295,7 @@ class GradientAccumulator:
             transforms.restart_or_add(self.count, counted, first, finite),
         )
         present = set(indices)
-        flags = self._owner._overwrite_flags
+        flags = self.overwritten
         absent = [
             accumulator
             for i, accumulator in enumerate(self.gradient_sums)

@@ -33,28 +33,29 @@ class GradientStatistics:
     """The statistics of each update and their running averages.
 
     Args:
-        owner: The optimizer; it creates the variables (`owner._add_state`).
+        make_state: The update rule's hook that creates a variable of the
+            pipeline's state (`make_state(name, **options)`).
         variable_count: The number of model variables.
     """
 
-    def __init__(self, owner, variable_count):
+    def __init__(self, make_state, variable_count):
         self._variable_count = variable_count
         # Zeros, not NaN, until measured (`snapshot` reads NaN then): JAX
         # checks that a multi-process run starts every process from equal
         # values, and NaN equals nothing.
         self.last = {
-            name: owner._add_state(f"statistic_{name}", role="statistic")
+            name: make_state(f"statistic_{name}", role="statistic")
             for name in STATISTICS
         }
-        self.recorded = owner._add_state(
+        self.recorded = make_state(
             "statistic_updates", role="statistic", dtype="int32"
         )
         self.running = {
-            name: owner._add_state(f"running_{name}", role="running_statistic")
+            name: make_state(f"running_{name}", role="running_statistic")
             for name in _RUNNING
         }
         for name in _RUNNING_PER_VARIABLE:
-            self.running[name] = owner._add_state(
+            self.running[name] = make_state(
                 f"running_{name}",
                 role="running_statistic",
                 shape=(variable_count,),
@@ -99,10 +100,9 @@ class GradientStatistics:
         }
         return stats, parts, valid
 
-    def record(self, optimizer, measured, sigma):
-        """Writes a measurement (through `optimizer.assign`, so that a
-        gated update records nothing when it is skipped)."""
-        assign = optimizer.assign
+    def record(self, assign, measured, sigma):
+        """Writes a measurement through `assign` (the rule's gated write, so
+        that a skipped update records nothing)."""
         assign(self.recorded, ops.add(self.recorded, 1))
         assign(
             self.last["noise_std"],

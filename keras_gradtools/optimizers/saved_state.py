@@ -1,0 +1,178 @@
+"""Saving and restoring the optimizer's state, checked against its layout.
+
+Keras only warns, and silently drops all optimizer state, when a saved
+state does not fit the optimizer it is loaded into. `SavedState` (a mixin
+of `GradientPipelineOptimizer`) saves a description of the layout (which
+slots exist, for which variables, `layout.py`) beside the arrays and
+refuses what does not fit, naming the difference. It adapts to the
+gradient statistics, which callbacks switch on at the start of `fit`.
+"""
+
+from keras import ops
+
+from keras_gradtools.backends import common
+from keras_gradtools.backends import private_api
+from keras_gradtools.optimizers import layout
+
+
+class SavedState:
+    """Mixin of `GradientPipelineOptimizer`: `save_own_variables`,
+    `load_own_variables` and the layout they check."""
+
+    def save_own_variables(self, store):
+        """Saves every optimizer variable, plus a description of the layout
+        so that loading into a different configuration fails clearly."""
+        for i, variable in enumerate(self.variables):
+            store[str(i)] = ops.convert_to_numpy(variable)
+        store[layout.LAYOUT_KEY] = layout.encode(self._layout())
+
+    def load_own_variables(self, store):
+        """Restores every optimizer variable from `store`.
+
+        State saved before the optimizer was built (a model compiled and
+        saved before training) restores the counters it has and leaves the
+        rest fresh. State restored into an optimizer not built yet (a
+        pickled or deep-copied optimizer) is kept and applied by `build`.
+
+        Raises:
+            ValueError: if the saved state was written by a different
+                optimizer class, a configuration with a different set of
+                slots, or for different variables. Keras itself only warns
+                and silently drops all optimizer state in that case.
+        """
+        saved = layout.saved_layout(store)
+        arrays = layout.saved_arrays(store)
+        if saved is not None and not saved.get("built", True):
+            self._load_unbuilt_state(saved, arrays)
+            return
+        if not self.built:
+            object.__setattr__(self, "_pending_state", (saved, arrays))
+            return
+        self._restore(saved, arrays)
+
+    def _restore(self, saved, arrays):
+        """Restores saved state, adapting to whether statistics were on.
+
+        Statistics are switched on by callbacks (the monitor, adaptive
+        accumulation) at the start of `fit`, which may be after a callback
+        such as `BackupAndRestore` has restored state written with them on:
+        they are switched on here first. State saved without them restores
+        everything else; they start fresh (from the next cycle, if the
+        state is mid-cycle).
+        """
+        settings = (saved or {}).get("settings", {})
+        if saved is not None and saved.get("format") == layout.FORMAT:
+            if (
+                settings.get("statistics")
+                and not self.track_gradient_statistics
+            ):
+                self.enable_gradient_statistics(
+                    per_coordinate=bool(settings.get("sum_of_squares"))
+                )
+            elif (
+                settings.get("sum_of_squares")
+                and not self.pipeline.keeps_square_sums
+            ):
+                self.enable_gradient_statistics(per_coordinate=True)
+        variables = self._variables_in(settings) if saved else self.variables
+        expected = self._layout()
+        expected["settings"] = dict(
+            expected["settings"],
+            statistics=settings.get(
+                "statistics", self.track_gradient_statistics
+            ),
+            sum_of_squares=settings.get(
+                "sum_of_squares", self.pipeline.keeps_square_sums
+            ),
+        )
+        if "hyperparameter_transfer" in expected["settings"]:
+            # Files written before the switches existed hold none: they
+            # keep their neutral values (off, factor 1).
+            expected["settings"]["hyperparameter_transfer"] = settings.get(
+                "hyperparameter_transfer"
+            )
+        expected["variables"] = layout.describe("", True, {}, variables)[
+            "variables"
+        ]
+        layout.check(saved, arrays, expected)
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
+        self.pipeline.check_restored_cycle()
+        accumulator = self.pipeline.accumulator
+        roles = self._roles
+        missing = {roles.get(id(v)) for v in self.variables} - {
+            roles.get(id(v)) for v in variables
+        }
+        missing -= {
+            "beta_1_transfer",
+            "beta_2_transfer",
+            "weight_decay_transfer",
+        }
+        if missing and accumulator.accumulates:
+            # Statistics on here but not in the saved state.
+            accumulator.complete_square_norm_sums()
+
+    def _variables_in(self, settings):
+        """This optimizer's variables that state saved with `settings`
+        holds: without statistics there, not theirs (nor the sums that
+        only they need)."""
+        dropped = set()
+        if not settings.get("statistics"):
+            dropped |= {"statistic", "running_statistic", "square_norm_sum"}
+        if not settings.get("sum_of_squares"):
+            dropped.add("square_sum")
+        if not (settings.get("statistics") or settings.get("sum_of_squares")):
+            dropped.add("cycle_samples")
+        if not settings.get("hyperparameter_transfer"):
+            dropped |= {
+                "beta_1_transfer",
+                "beta_2_transfer",
+                "weight_decay_transfer",
+            }
+        roles = self._roles
+        return [v for v in self.variables if roles.get(id(v)) not in dropped]
+
+    def _load_unbuilt_state(self, saved, arrays):
+        """The state of an optimizer saved before it was built: Keras's own
+        variables (the update counter, the learning rate)."""
+        variables = self._keras_variables()
+        expected = layout.describe(
+            self._layout()["class"], False, self._layout_settings(), variables
+        )
+        layout.check(saved, arrays, expected)
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
+
+    def _keras_variables(self):
+        """The variables that exist before `build` (Keras's own)."""
+        return private_api.keras_variables(self)
+
+    def _apply_pending_state(self):
+        """Restores state loaded before `build`. Keras may build the
+        optimizer while it traces the first training step: the restore
+        runs outside that trace, so that it takes effect at once."""
+        pending = self._pending_state
+        if pending is not None:
+            object.__setattr__(self, "_pending_state", None)
+            with common.outside_trace():
+                self._restore(*pending)
+
+    def _layout_settings(self):
+        """The settings that decide which variables exist and what they
+        mean. Subclasses with slots of their own add theirs."""
+        return {
+            "max_accumulation_steps": self.max_accumulation_steps,
+            "sum_of_squares": self.pipeline.keeps_square_sums,
+            "noise": self.noise_eta > 0,
+            "use_ema": bool(self.use_ema),
+            "statistics": self.track_gradient_statistics,
+            **({"weighted": True} if self.weighted_accumulation else {}),
+        }
+
+    def _layout(self):
+        return layout.describe(
+            type(self).__name__,
+            self.built,
+            self._layout_settings(),
+            self.variables,
+        )
