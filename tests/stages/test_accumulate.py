@@ -133,6 +133,7 @@ def test_each_cycle_restarts_its_sums():
     np.testing.assert_array_equal(variable.numpy(), [-102.0])
 
 
+@pytest.mark.filterwarnings("ignore:Gradients do not exist:UserWarning")
 def test_a_missing_gradient_counts_as_zero_in_the_mean():
     """K = 2; the first variable has no gradient in the first micro-batch:
     its mean is (0 + [4, 6]) / 2, not [4, 6]."""
