@@ -6,6 +6,12 @@ default here, and `KERAS_BACKEND=jax`). Tests of what exists on one backend
 only (`tf.distribute`, `IndexedSlices`, graph assertions; `jax.jit` loops,
 `keras.distribution`) carry the marker `tensorflow_only` or `jax_only` and
 are deselected on the other backend, not skipped: nothing is missing there.
+
+Tiers: `python -m pytest tests/stages` runs one fast unit-test module per
+pipeline stage (seconds); `python -m pytest -m "not slow" -n 2` the fast
+tier (a few minutes on 2 cores), which leaves out the tests marked `slow`
+(those that train models, start subprocesses or run benchmarks, each with a
+fast test of the same feature kept in the tier); no `-m` runs everything.
 """
 
 import gc

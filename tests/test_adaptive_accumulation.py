@@ -56,6 +56,7 @@ def test_learning_rate_rules():
     assert learning_rate_factor("adascale", 8, 2, 0.0, 1.0) == 1.0
 
 
+@pytest.mark.slow
 def test_effective_batch_settles_near_the_known_noise_scale():
     """Frozen linear regression (learning rate 0): B_simple = 11 samples.
     With micro-batches of 2, the effective batch settles within a factor

@@ -551,6 +551,7 @@ SAVED_ON_JAX_TOO = OURS + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [

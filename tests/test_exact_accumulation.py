@@ -156,6 +156,7 @@ def test_custom_loop_counts_match_the_float64_reference(second_moment):
         )
 
 
+@pytest.mark.slow
 def test_equal_counts_change_nothing():
     """Equal counts weigh equally: the unweighted update and statistics."""
     variables, micro = _linear_problem()
@@ -304,6 +305,7 @@ def test_mixed_float16_through_keras_loss_scale_optimizer():
     assert _difference(models["plain"], models["big"]) > 1e-2
 
 
+@pytest.mark.slow
 def test_adaptive_accumulation_reads_weighted_statistics():
     """AdaptiveAccumulation over counted micro-batches: K moves, every
     update is finite, and the noise scale is measured (in micro-batches)."""

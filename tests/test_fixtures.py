@@ -43,6 +43,7 @@ def test_every_fixture_exists_and_is_small():
                 assert path.stat().st_size < 1_000_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", FIXTURES.BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_loads_with_its_state_and_continues(name, source):

@@ -57,6 +57,7 @@ def _train(optimizer, variables, gradients):
     return values(variables)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAIRS))
 @pytest.mark.parametrize("clip", CLIPS, ids=lambda c: next(iter(c), "none"))
 def test_k1_without_noise_equals_keras(name, clip, rng):
@@ -86,6 +87,7 @@ def test_k1_equals_keras_with_and_without_xla(jit_compile, rng):
     assert max_abs_difference(ours, reference) < FLOAT32_ROUNDING
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("clip", CLIPS, ids=lambda c: next(iter(c), "none"))
 def test_macro_adam_equals_keras_adam_on_mean_gradients(k, clip, rng):
@@ -105,6 +107,7 @@ def test_macro_adam_equals_keras_adam_on_mean_gradients(k, clip, rng):
     assert int(ours.micro_steps.numpy()) == 3 * k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "inner_factory",
     [
@@ -130,6 +133,7 @@ def test_wrapped_optimizer_equals_inner_on_mean_gradients(inner_factory, rng):
     assert int(wrapped.inner_optimizer.iterations.numpy()) == 2
 
 
+@pytest.mark.slow
 def test_keras_alias_gradient_accumulation_steps(rng):
     variables = make_variables(rng)
     micro = [random_gradients(rng, variables) for _ in range(4)]

@@ -25,6 +25,7 @@ def _no_signal(n, seed=0):
     return x, rng.normal(size=(n, 1)).astype("float32")
 
 
+@pytest.mark.slow
 def test_a_zero_signal_gives_lower_bounds_never_negative_or_infinite():
     x, y = _no_signal(16 * 4 * 64)
     model = frozen_linear_model(kg.SGD(0.0, accumulation_steps=4))
@@ -66,6 +67,7 @@ def test_the_plot_draws_every_point_and_marks_lower_bounds():
     plt.close(figure)
 
 
+@pytest.mark.slow
 def test_plots_use_one_log_scale_per_panel_and_show_norm_and_noise(tmp_path):
     import matplotlib
 
@@ -116,6 +118,7 @@ def _advice_for(optimizer, micro_batch, probe=False):
     return monitor.advice_details, expected
 
 
+@pytest.mark.slow
 def test_runs_with_different_k_recommend_the_same_effective_batch():
     """B_simple = 11 samples (frozen linear regression): probing a Keras
     optimizer at K = 1, and measuring from our sums at K = 4 and K = 16,
@@ -152,6 +155,7 @@ def test_skipped_micro_batches_are_reported_in_an_ordinary_fit():
         model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
 
 
+@pytest.mark.slow
 def test_the_monitor_reports_skips_per_epoch_and_in_the_logs():
     x, y = digits(256)
     x = x.copy()
@@ -198,6 +202,7 @@ def test_statistics_accessors_agree_on_what_is_measured():
     assert np.isfinite(float(on.gradient_statistics()["variance"]))
 
 
+@pytest.mark.slow
 def test_switching_statistics_on_mid_cycle_starts_at_the_next_cycle():
     """The README's quickstart (K = 8) then its TensorBoard snippet. (With
     Adam's "micro" second moment the sums of squares it keeps complete the

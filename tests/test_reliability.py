@@ -36,6 +36,7 @@ def test_absent_variable_restarts_its_sums_each_cycle(rng):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow_only
 def test_sparse_embedding_gradients_equal_the_dense_computation():
     """Rows are scattered into the sums (repeated ids summed first); the
@@ -229,6 +230,7 @@ def test_macro_adam_is_large_batch_adam(shapes, k, beta_1, beta_2, clip, seed):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(
     shapes=shapes,

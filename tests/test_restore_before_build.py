@@ -60,6 +60,7 @@ def _assert_same_training(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
 def test_load_weights_before_the_first_fit(name, tmp_path):
     path = str(tmp_path / "state.weights.h5")

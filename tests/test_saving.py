@@ -95,6 +95,7 @@ def test_save_weights_carries_optimizer_state(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "other,message",
     [
@@ -183,6 +184,7 @@ def test_sigkill_and_restart_with_backup_and_restore_ends_identical(tmp_path):
     assert steps != 3 and factor != 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_with_statistics", [True, False])
 def test_state_restores_whether_statistics_were_on_or_not(
     saved_with_statistics, tmp_path

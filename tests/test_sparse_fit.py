@@ -109,6 +109,7 @@ CONFIGURATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [True, False])
 @pytest.mark.parametrize(
     "name,steps",

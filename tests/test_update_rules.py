@@ -209,7 +209,14 @@ def _check_rule(rule, k, mode, jit_compile):
     assert reference.clipped_any == (mode is not None)
 
 
-@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize(
+    "k",
+    [
+        pytest.param(1, marks=pytest.mark.slow),
+        3,
+        pytest.param(4, marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("rule", RULE_NAMES)
 def test_rule_matches_reference_eager(rule, k):
     """All four clip modes in one test (the per-test session reset costs
@@ -253,6 +260,7 @@ def test_micro_and_macro_differ_when_accumulating():
     assert ref.global_norm([a - b for a, b in zip(*results)]) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["clipvalue", "clipnorm", "global_clipnorm"])
 @pytest.mark.parametrize("rule", ["sgd_momentum", "adam_micro"])
 def test_clip_micro_batches_matches_reference(rule, mode):
@@ -283,6 +291,7 @@ def test_clip_micro_batches_matches_reference(rule, mode):
 STAT_KEYS = ("variance", "mean_norm_sq", "noise_scale", "snr", "grad_norm")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "rule, mode",
     [
@@ -330,6 +339,7 @@ def test_gradient_statistics_match_reference(rule, mode):
 # Noise.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "eta, gamma, k",
     [(0.01, 0.55, 1), (1.0, 1.0, 2), (0.3, 0.0, 1), (2.5, 2.0, 3)],

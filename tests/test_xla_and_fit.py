@@ -44,6 +44,7 @@ def test_eager_apply_really_compiles_with_xla(rng):
     assert not np.array_equal(before, variables[0].numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "factory",
     [
