@@ -67,6 +67,12 @@ def run_if(predicate, fn, state):
         variable.assign(value)
 
 
+def not_for_autograph(function):
+    """`function` itself: JAX has no AutoGraph (see the TensorFlow
+    backend's)."""
+    return function
+
+
 def cond(predicate, true_fn, false_fn):
     """`ops.cond`, branching in Python when `predicate` is concrete: a
     `lax.cond` called eagerly traces and compiles both branches anew on
@@ -122,8 +128,7 @@ def _stateless_pipeline(pipeline, indices):
     if indices not in cache:
         hooks = pipeline.hooks
         state = hooks.state_variables()
-        model_variables = hooks.trainable_variables()
-        variables = [model_variables[i] for i in indices]
+        variables = [pipeline.variables[i] for i in indices]
 
         def run(values, grads, learning_rate, weight):
             owner = hooks.learning_rate_owner()

@@ -109,8 +109,7 @@ def _compiled_pipeline(pipeline):
         hooks = pipeline.hooks
 
         def run(grads, indices, learning_rate, weight):
-            model_variables = hooks.trainable_variables()
-            variables = [model_variables[i] for i in indices]
+            variables = [pipeline.variables[i] for i in indices]
             with private_api.feeding_learning_rate(
                 hooks.learning_rate_owner(), learning_rate
             ):

@@ -182,7 +182,7 @@ def _apply_in_replica_context(pipeline, strategy, grads, variables, weight):
     if samples == 1:
         _refuse_weights(weight, "with micro-batches summed over replicas")
     settings = pipeline.settings
-    if not pipeline.accumulator.accumulates:
+    if not pipeline.settings.accumulates:
         # Clipping each micro-batch acts on the sum over replicas, after
         # the all-reduce of the update.
         local = pipeline.local_half(grads, indices, clip=False, weight=weight)
@@ -275,7 +275,7 @@ def _apply_global_gradient(pipeline, context, grads, indices):
     `apply` is called in cross-replica context)."""
     replicas = context.num_replicas_in_sync
     keeper = ops.equal(context.replica_id_in_sync_group, 0)
-    accumulates = pipeline.accumulator.accumulates
+    accumulates = pipeline.settings.accumulates
     local = pipeline.local_half(
         grads,
         indices,
@@ -296,7 +296,7 @@ def _apply_in_cross_replica_context(pipeline, strategy, grads, variables):
     """Gradients computed outside `strategy.run`: the global micro-batch
     gradient, one sample per micro-batch, which replica 0 keeps."""
     indices = pipeline.variable_indices(variables)
-    accumulates = pipeline.accumulator.accumulates
+    accumulates = pipeline.settings.accumulates
 
     def local(grads):
         context = tf.distribute.get_replica_context()
@@ -321,8 +321,7 @@ def _update_from_replicas(strategy, pipeline, grads, norms, indices):
     """K == 1: sums the replicas' gradients (one batched all-reduce), then
     updates from the global-batch gradient. With the replicas as samples,
     their squared norms are reduced with them, for the statistics."""
-    model_variables = pipeline.hooks.trainable_variables()
-    variables = [model_variables[i] for i in indices]
+    variables = [pipeline.variables[i] for i in indices]
 
     def reduce(values, destinations):
         reduced_values = strategy.extended.batch_reduce_to(

@@ -16,6 +16,7 @@ optimizers do, writing through `self.assign*` so that a skipped update
 """
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -88,16 +89,11 @@ class GradientPipelineOptimizer(
         object.__setattr__(self, "_pending_state", None)
         object.__setattr__(self, "_skipped_reported", 0)
         super().__init__(learning_rate=learning_rate, **kwargs)
-        # State restored before `build` (a pickled or deep-copied optimizer)
-        # is applied when the subclass's `build` has made every slot.
-        build_variables = self.build
 
-        def build(variables):
-            build_variables(variables)
-            self._apply_pending_state()
-
-        build.__doc__ = build_variables.__doc__
-        object.__setattr__(self, "build", build)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "build" in cls.__dict__:
+            cls.build = _restoring_pending_state(cls.__dict__["build"])
 
     @property
     def pipeline(self) -> Pipeline:
@@ -456,6 +452,7 @@ class GradientPipelineOptimizer(
     # ------------------------------------------------------------------
     # Entry point.
 
+    @backends.current().not_for_autograph
     def apply(
         self,
         grads: Sequence[TensorLike | None],
@@ -652,6 +649,25 @@ class GradientPipelineOptimizer(
         return config
 
 
+def _restoring_pending_state(build):
+    """`build`, followed (in its outermost call: a subclass's `build` calls
+    its parent's first) by the restore of state loaded before `build`
+    (a pickled or deep-copied optimizer), once every slot exists."""
+
+    @functools.wraps(build)
+    def build_then_restore(self, variables):
+        depth = getattr(self, "_build_depth", 0)
+        object.__setattr__(self, "_build_depth", depth + 1)
+        try:
+            build(self, variables)
+        finally:
+            object.__setattr__(self, "_build_depth", depth)
+        if depth == 0:
+            self._apply_pending_state()
+
+    return build_then_restore
+
+
 def _setting(name, doc):
     """A property of the optimizer that reads and writes the pipeline's
     setting `name`."""
@@ -676,10 +692,9 @@ for _argument in arguments.PIPELINE_ARGUMENTS:
             _setting(_argument.name, _argument.doc),
         )
 arguments.declare_arguments(GradientPipelineOptimizer)
-if backend.backend() == "tensorflow":
-    GradientPipelineOptimizer.apply = backends.current().not_for_autograph(
-        GradientPipelineOptimizer.apply
-    )
+GradientPipelineOptimizer.build = _restoring_pending_state(
+    GradientPipelineOptimizer.build
+)
 
 
 class PipelineHooks:
@@ -716,9 +731,6 @@ class PipelineHooks:
     @property
     def name(self):
         return self._optimizer.name
-
-    def trainable_variables(self):
-        return private_api.trainable_variables(self._optimizer)
 
     def variable_index(self, variable):
         return private_api.variable_index(self._optimizer, variable)

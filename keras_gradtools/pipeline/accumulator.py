@@ -31,10 +31,28 @@ replicas counts 1/R of a micro-batch, so the count means the same on any
 number of replicas (exact for R a power of two, else to float32 rounding).
 """
 
+from typing import Any
+from typing import NamedTuple
+
 from keras import ops
 
 from keras_gradtools import transforms
 from keras_gradtools.transforms import sparse
+
+
+class CycleSums(NamedTuple):
+    """What a finished cycle holds, as the update reads it: the count of
+    finite micro-batches, the mean gradients, the gradient samples per
+    micro-batch and whether the cycle's micro-batches agreed on it, the
+    per-variable Σ|g|² (or `None`) and the per-coordinate mean squares (or
+    `None`)."""
+
+    count: Any
+    means: list
+    samples: Any
+    valid: Any
+    norm_sums: list | None
+    mean_squares: list | None
 
 
 class GradientAccumulator:
@@ -364,6 +382,32 @@ class GradientAccumulator:
 
     # ------------------------------------------------------------------
     # Reading a finished cycle (cross-replica under a strategy: the sums).
+
+    def read_cycle(self, indices, mean_squares=False):
+        """Everything the update reads of a finished cycle, in one call.
+
+        Args:
+            indices: The variables' indices.
+            mean_squares: Whether to read the per-coordinate mean squares
+                (for a rule that reads the within-update variance).
+
+        Returns:
+            A `CycleSums`.
+        """
+        count = self.total_count()
+        samples, valid = self.cycle_samples_and_validity()
+        return CycleSums(
+            count=count,
+            means=self.means(indices, count),
+            samples=samples,
+            valid=valid,
+            norm_sums=self.norm_sums(indices, count, samples),
+            mean_squares=(
+                self.mean_squares(indices, count, samples)
+                if mean_squares
+                else None
+            ),
+        )
 
     def total_count(self):
         """The finite micro-batches of the cycle, in global micro-batches."""

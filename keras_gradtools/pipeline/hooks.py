@@ -11,7 +11,6 @@ the `UpdateRuleHooks` shape, which the optimizer classes implement
     gated(gate, fn)              run `fn`'s writes only where `gate` holds
     assign(variable, value)      a write that obeys the gate
     iterations                   the update counter (a variable)
-    trainable_variables()        the model variables, in build order
     variable_index(variable)     a model variable's index in that order
     overwrites_with_gradient(v)  Keras's float8 scales: written, not updated
     state_variables()            everything an update may read or write
@@ -45,8 +44,6 @@ class UpdateRuleHooks(Protocol):
     def gated(self, gate, fn) -> None: ...
 
     def assign(self, variable, value) -> None: ...
-
-    def trainable_variables(self) -> list: ...
 
     def variable_index(self, variable) -> int: ...
 

@@ -81,7 +81,11 @@ class Pipeline:
         self.hooks = hooks
         self.backend = backend
         self.clip = stages.Clip(settings)
-        # Made by `build`:
+        # Made by `build`: the model variables (in build order), the update
+        # counter, what the rule reads, and the stages' state.
+        self.variables = []
+        self.iterations = None
+        self.reads_micro_variance = False
         self.accumulator = None
         self.statistics = None
         self.noise = None
@@ -99,6 +103,9 @@ class Pipeline:
         """Creates the pipeline's state for the model `variables`."""
         settings = self.settings
         hooks = self.hooks
+        self.variables = list(variables)
+        self.iterations = hooks.iterations
+        self.reads_micro_variance = hooks.reads_micro_variance
         self.overwritten = [
             hooks.overwrites_with_gradient(v) for v in variables
         ]
@@ -132,8 +139,13 @@ class Pipeline:
     def keeps_square_sums(self):
         """Whether the per-coordinate Σg² is kept: for a rule that reads
         the within-update variance, or per-coordinate statistics."""
+        reads = (
+            self.reads_micro_variance
+            if self.built
+            else self.hooks.reads_micro_variance
+        )
         return self.settings.accumulates and (
-            self.hooks.reads_micro_variance or self.per_coordinate_statistics
+            reads or self.per_coordinate_statistics
         )
 
     @property
@@ -160,13 +172,13 @@ class Pipeline:
         self.per_coordinate_statistics |= bool(per_coordinate)
         if not self.built:
             return
-        variables = self.hooks.trainable_variables()
+        variables = self.variables
         accumulator = self.accumulator
         if not was_tracking:
             self.statistics = GradientStatistics(
                 self.hooks.make_state, len(variables)
             )
-        if not accumulator.accumulates:
+        if not self.settings.accumulates:
             return
         position = int(ops.convert_to_numpy(accumulator.position))
         if not had_square_sums and self.keeps_square_sums:
@@ -218,7 +230,7 @@ class Pipeline:
         indices = self.variable_indices(variables)
         grads, indices = self.overwrite_with_gradients(grads, indices)
         local = self.local_half(grads, indices, weight=weight)
-        if not self.accumulator.accumulates:
+        if not self.settings.accumulates:
             self.update(
                 local.grads,
                 indices,
@@ -245,13 +257,12 @@ class Pipeline:
         flags = self.overwritten
         overwritten = [(g, i) for g, i in zip(grads, indices) if flags[i]]
         if overwritten:
-            if self.accumulator.accumulates:
+            if self.settings.accumulates:
                 first = self.accumulator.cycle_flags()[0]
                 self.accumulator.add_maxima(*zip(*overwritten), first)
             else:
-                model_variables = self.hooks.trainable_variables()
                 for grad, i in overwritten:
-                    model_variables[i].assign(grad)
+                    self.variables[i].assign(grad)
         kept = [(g, i) for g, i in zip(grads, indices) if not flags[i]]
         return [g for g, _ in kept], [i for _, i in kept]
 
@@ -324,7 +335,7 @@ class Pipeline:
             if norms is not None:
                 norms = [ops.where(keeper, n, ops.zeros_like(n)) for n in norms]
         flags = None
-        if accumulator.accumulates:
+        if self.settings.accumulates:
             flags = accumulator.cycle_flags()
             accumulator.add(
                 grads,
@@ -343,7 +354,7 @@ class Pipeline:
         the statistics' sums, or (without accumulation) the clip or the
         statistics of the update itself. The finite check then reads them
         too instead of summing the gradients once more."""
-        if self.accumulator.accumulates:
+        if self.settings.accumulates:
             return self.accumulator.square_norm_sums is not None
         return self._update_reads_norms
 
@@ -354,19 +365,20 @@ class Pipeline:
         sum adds up the replicas' copies.
         """
         accumulator = self.accumulator
-        count = accumulator.total_count()
-        means = accumulator.means(indices, count)
-        samples, valid = accumulator.cycle_samples_and_validity()
-        norm_sums = accumulator.norm_sums(indices, count, samples)
-        mean_squares = None
-        if self.hooks.reads_micro_variance:
-            mean_squares = accumulator.mean_squares(indices, count, samples)
+        sums = accumulator.read_cycle(indices, self.reads_micro_variance)
+        count, means, samples, valid = (
+            sums.count,
+            sums.means,
+            sums.samples,
+            sums.valid,
+        )
+        mean_squares = sums.mean_squares
+        if mean_squares is not None:
             mean_squares = self._checked_mean_squares(
                 mean_squares, means, valid
             )
-        model_variables = self.hooks.trainable_variables()
         for i in self.overwritten_indices:
-            model_variables[i].assign(accumulator.maxima(i))
+            self.variables[i].assign(accumulator.maxima(i))
         if not indices:
             accumulator.finish()
             return
@@ -393,7 +405,7 @@ class Pipeline:
             gate=gate,
             mean_norms=mean_norms,
             samples=samples,
-            norm_sums=norm_sums,
+            norm_sums=sums.norm_sums,
             mean_squares=mean_squares,
             valid=valid,
             placement=placement,
@@ -470,8 +482,8 @@ class Pipeline:
             clipped, factors = self.clip(means, mean_norms)
         sigma = None
         if self.noise is not None:
-            sigma = self.noise.std_at(hooks.iterations)
-            clipped = self.noise(clipped, indices, hooks.iterations, sigma)
+            sigma = self.noise.std_at(self.iterations)
+            clipped = self.noise(clipped, indices, self.iterations, sigma)
         variances = [None] * len(means)
         if mean_squares is not None:
             # W at the micro-batch size: samples at 1/R of it vary R times
@@ -484,14 +496,13 @@ class Pipeline:
                 )
                 for q, g, c in zip(mean_squares, means, factors)
             ]
-        model_variables = hooks.trainable_variables()
-        variables = [model_variables[i] for i in indices]
+        variables = [self.variables[i] for i in indices]
 
         def write():
             hooks.apply_rule(clipped, variables, variances, placement)
             if measured is not None:
                 self.statistics.record(hooks.assign, measured, sigma)
-            iterations = hooks.iterations
+            iterations = self.iterations
             hooks.assign(
                 iterations,
                 ops.add(

@@ -358,10 +358,13 @@ def check_checkpoint(directory, replica_counts):
                     result["micro_steps_restored"] = int(
                         restored_opt.micro_steps.numpy()
                     )
+                    restored_sums = (
+                        restored_opt.pipeline.accumulator.gradient_sums
+                    )
                     result["sums_restored"] = [
                         float(np.sum(c))
                         for c in target.experimental_local_results(
-                            restored_opt.pipeline.accumulator.gradient_sums[0].value
+                            restored_sums[0].value
                         )
                     ]
                     custom_loop(
