@@ -12,7 +12,10 @@ finite check, a sum of squares and the noise on their own),
 `benchmarks/fit_throughput.py` on both backends (`model.fit` samples per
 second, the monitor's overhead, peak memory), `benchmarks/jax_step_cost.py`
 (JAX: ours against optax and Keras), `benchmarks/jax_allreduce.py` (JAX:
-an all-reduce per micro-batch against a local sum) and
+an all-reduce per micro-batch against a local sum),
+`benchmarks/first_step.py` (JAX: time to the first step on a deep MLP),
+`benchmarks/real_models.py` (JAX: first step, step time, optimizer state
+and peak memory on real architectures, as ratios to Keras) and
 `benchmarks/scaling.py` on both backends (cost against model size and
 tensor count), and prints the reports. `--quick` shrinks every one to a
 format smoke test (CI runs it); timings are never asserted. Exits with the
@@ -33,6 +36,7 @@ SCRIPTS = (
     ("fit_throughput.py", "jax"),
     ("jax_allreduce.py", "jax"),
     ("first_step.py", "jax"),
+    ("real_models.py", "jax"),
     ("scaling.py", None),  # runs each backend itself
 )
 

@@ -46,6 +46,13 @@ BENCHMARKS = {
         ],
         "jax_allreduce.py": ["all-reduce ms", "local s + g ms"],
         "first_step.py": ["6-layer MLP", "keras adam", "ours K=1"],
+        "real_models.py": [
+            "mlp50 (50)",
+            "keras accumulation K=4",
+            "ours K=4 clip+noise+statistics",
+            "first step / keras acc",
+            "peak RSS / keras adam",
+        ],
     },
 }
 
