@@ -321,6 +321,7 @@ def _backup_run(backup_dir, interrupt_at=None):
     return model
 
 
+@pytest.mark.slow
 def test_backup_and_restore_mid_schedule_is_bitwise_identical(tmp_path):
     """Interrupted in epoch 2 (a change pending: K = 8 is due at 100
     samples, inside a cycle of 3) and resumed in a fresh model: weights,
@@ -450,6 +451,7 @@ def _load_benchmark():
     return _load("benchmarks/batch_size_policies.py")
 
 
+@pytest.mark.slow
 @pytest.mark.jax_only  # the benchmark's code is the same on both backends
 def test_benchmark_runs_reuse_one_compilation_exactly():
     """The benchmark compiles once per optimizer configuration and starts

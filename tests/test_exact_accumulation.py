@@ -249,6 +249,7 @@ def test_exact_accumulation_refuses_what_it_cannot_weigh():
         kg.exact_accumulation(two)
 
 
+@pytest.mark.slow
 def test_count_fn_and_mid_cycle_save_restore(tmp_path):
     """A custom count, and the cycle's summed count saved mid-cycle: the
     restored run equals the uninterrupted one bitwise."""
@@ -277,6 +278,7 @@ def test_count_fn_and_mid_cycle_save_restore(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_mixed_float16_through_keras_loss_scale_optimizer():
     """Keras wraps ours in a LossScaleOptimizer: the count still reaches
     ours, and the update equals the big batch's to float16 rounding."""

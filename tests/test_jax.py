@@ -40,6 +40,7 @@ def _python(code, backend, timeout=300):
     return completed.stdout
 
 
+@pytest.mark.slow
 def test_import_loads_no_tensorflow():
     out = _python(
         "import sys, keras_gradtools as kg\n"
@@ -50,6 +51,7 @@ def test_import_loads_no_tensorflow():
     assert out.strip() == "False"
 
 
+@pytest.mark.slow
 def test_an_unsupported_backend_is_named_clearly():
     """The numpy backend stands in for any other (torch works the same
     way: the check reads `keras.backend.backend()`)."""
@@ -288,6 +290,7 @@ def _cross_backend_results(backends):
     return [parse_results(stdout)[0] for stdout, _ in outputs]
 
 
+@pytest.mark.slow
 def test_same_numbers_as_tensorflow():
     """Bitwise the same noise draws; the same weights after training to
     float32 rounding (measured: see the assertion's bound)."""

@@ -189,6 +189,7 @@ def _gradients(seed, shapes, count, scale):
     ]
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(
     shapes=shapes,
@@ -318,6 +319,7 @@ def test_freeze_and_unfreeze_between_fits():
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(
     shapes=shapes,
