@@ -161,3 +161,23 @@ def check_learning_rate(learning_rate):
     if isinstance(learning_rate, (int, float)):
         return check_float("learning_rate", learning_rate, 0)
     return learning_rate
+
+
+def check_keras_optimizer_arguments(kwargs):
+    """Validates the `keras.optimizers.Optimizer` arguments Keras itself
+    leaves unchecked until they fail inside a compiled update."""
+    if kwargs.get("weight_decay") is not None:
+        kwargs["weight_decay"] = check_float(
+            "weight_decay", kwargs["weight_decay"], minimum=0
+        )
+    if kwargs.get("use_ema"):
+        kwargs["ema_momentum"] = check_float(
+            "ema_momentum", kwargs.get("ema_momentum", 0.99), 0, 1
+        )
+    if kwargs.get("loss_scale_factor") is not None:
+        kwargs["loss_scale_factor"] = check_float(
+            "loss_scale_factor",
+            kwargs["loss_scale_factor"],
+            minimum=0,
+            open_min=True,
+        )

@@ -16,7 +16,6 @@ optimizers do, writing through `self.assign*` so that a skipped update
 """
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -34,9 +33,12 @@ from keras_gradtools import validation
 from keras_gradtools.backends import common
 from keras_gradtools.backends import private_api
 from keras_gradtools.optimizers import gradients
-from keras_gradtools.optimizers import layout
+from keras_gradtools.optimizers import saved_state
 from keras_gradtools.optimizers.rule_sequence import UpdateRuleSequence
 from keras_gradtools.optimizers.saved_state import SavedState
+from keras_gradtools.optimizers.statistics_methods import (
+    GradientStatisticsMethods,
+)
 from keras_gradtools.pipeline import arguments
 from keras_gradtools.pipeline.pipeline import Pipeline
 from keras_gradtools.types import LearningRate
@@ -47,7 +49,10 @@ NONFINITE_POLICIES = arguments.NONFINITE_POLICIES
 
 
 class GradientPipelineOptimizer(
-    UpdateRuleSequence, SavedState, optimizers.Optimizer
+    UpdateRuleSequence,
+    SavedState,
+    GradientStatisticsMethods,
+    optimizers.Optimizer,
 ):
     """Base class for optimizers that accumulate, clip and add noise.
 
@@ -75,7 +80,7 @@ class GradientPipelineOptimizer(
         settings = arguments.PipelineSettings.from_arguments(pipeline_arguments)
         for argument in arguments.CLIP_ARGUMENTS:
             kwargs[argument.name] = getattr(settings, argument.name)
-        _check_keras_arguments(kwargs)
+        validation.check_keras_optimizer_arguments(kwargs)
         # Plain attributes, not tracked state (object.__setattr__ bypasses
         # Keras's tracker); set first: Keras's __init__ sets attributes that
         # are our properties.
@@ -93,7 +98,9 @@ class GradientPipelineOptimizer(
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "build" in cls.__dict__:
-            cls.build = _restoring_pending_state(cls.__dict__["build"])
+            cls.build = saved_state.restoring_pending_state(
+                cls.__dict__["build"]
+            )
 
     @property
     def pipeline(self) -> Pipeline:
@@ -394,60 +401,8 @@ class GradientPipelineOptimizer(
             layout=private_api.variable_layout(reference_variable),
         )
 
-    @property
-    def variables(self) -> list[keras.Variable]:
-        """All optimizer variables: Keras's and the rule's in creation order,
-        then the pipeline's in a fixed order of roles. This one order is
-        used by `get_weights`, `set_weights`, saving and `stateless_apply`,
-        whenever each part was created."""
-        roles = self._roles
-        order = sorted(
-            enumerate(private_api.tracked_variables(self)),
-            key=lambda item: (
-                layout.role_rank(roles.get(id(item[1]))),
-                item[0],
-            ),
-        )
-        return [variable for _, variable in order]
-
     def _variable_index(self, variable):
         return private_api.variable_index(self, variable)
-
-    def get_weights(self) -> list:
-        """The values of `variables`, as NumPy arrays."""
-        return [ops.convert_to_numpy(v) for v in self.variables]
-
-    def set_weights(self, weights: Sequence) -> None:
-        """Sets `variables` from a list of arrays in the same order.
-
-        Raises:
-            ValueError: if the optimizer is not built, or the number or
-                shapes of the arrays do not match `variables`.
-        """
-        if not self.built:
-            raise ValueError(
-                "`set_weights()` needs a built optimizer: call "
-                "`optimizer.build(trainable_variables)` first."
-            )
-        variables = self.variables
-        weights = list(weights)
-        if len(weights) != len(variables):
-            raise ValueError(
-                f"`set_weights()` received {len(weights)} arrays; this "
-                f"optimizer has {len(variables)} variables (see "
-                "`optimizer.variables` for their order)."
-            )
-        for variable, weight in zip(variables, weights):
-            shape = tuple(getattr(weight, "shape", ()))
-            if tuple(variable.shape) != shape:
-                raise ValueError(
-                    f"Optimizer variable {common.variable_path(variable)} has "
-                    "shape "
-                    f"{tuple(variable.shape)}, not compatible with the "
-                    f"provided weight of shape {shape}."
-                )
-        for variable, weight in zip(variables, weights):
-            variable.assign(weight)
 
     # ------------------------------------------------------------------
     # Entry point.
@@ -540,106 +495,6 @@ class GradientPipelineOptimizer(
             )
 
     # ------------------------------------------------------------------
-    # Gradient statistics.
-
-    def enable_gradient_statistics(self, per_coordinate: bool = False) -> None:
-        """Switches `track_gradient_statistics` on, also after `build`.
-
-        Used by `GradientVarianceMonitor` at the start of `fit`. The missing
-        state is created; a function that already traced the update must be
-        traced again (`model.make_train_function(force=True)`). Switched on
-        in the middle of an accumulation cycle, the statistics start with
-        the next cycle (the current one's earlier micro-batches were not
-        measured), unless the per-coordinate sums of squares already hold
-        them.
-
-        Args:
-            per_coordinate: Also keep the per-coordinate sums of squares
-                (4 bytes per parameter) where the update rule does not, for
-                per-coordinate variances (the monitor's histograms).
-        """
-        scope = contextlib.nullcontext()
-        if self._strategy is not None:
-            scope = self._strategy.scope()
-        with scope:
-            self._pipeline.enable_statistics(per_coordinate)
-
-    def _require_statistics(self, method):
-        if not self.track_gradient_statistics:
-            raise ValueError(
-                f"`{method}()` needs gradient statistics, which this "
-                "optimizer does not measure: create it with "
-                "track_gradient_statistics=True, call "
-                "enable_gradient_statistics(), or attach a "
-                "GradientVarianceMonitor to fit. (The current noise level is "
-                "`optimizer.noise_std`.)"
-            )
-        self._require_built(method + "()")
-
-    def gradient_statistics(self) -> dict[str, Any]:
-        """Returns a snapshot of the gradient statistics of the last update.
-
-        Needs `track_gradient_statistics=True`. Values read NaN until the
-        first update has measured them; `variance`, `mean_norm_sq`,
-        `noise_scale`, `snr` and `signal_resolved` need at least two
-        gradient samples per update (`accumulation_steps >= 2`, or two or
-        more replicas) and stay NaN otherwise.
-
-        Returns:
-            A dict of float32 scalar tensors:
-            - `variance`: tr(Sigma_M), the summed per-coordinate variance of
-              one micro-batch gradient.
-            - `mean_norm_sq`: unbiased estimate of |E g|**2 (negative when
-              the signal is below the noise).
-            - `noise_scale`: B_simple = tr(Sigma_M) / |E g|**2, in
-              micro-batches (multiply by the micro-batch size for samples);
-              a lower bound when `signal_resolved` is 0.
-            - `snr`: |E g|**2 / (tr(Sigma_M) / n), the signal-to-noise ratio
-              of the update's mean gradient over n micro-batches (>= 0).
-            - `signal_resolved`: 1.0 when |E g|**2 was measured above zero.
-            - `grad_norm`: the L2 norm of the mean gradient before clipping.
-            - `noise_std`: the standard deviation of the injected noise.
-
-        Raises:
-            ValueError: if statistics are off or the optimizer is not built.
-
-        Example:
-
-        >>> opt = keras_gradtools.SGD(0.1, accumulation_steps=4,
-        ...                           track_gradient_statistics=True)
-        >>> # ... after some updates:
-        >>> float(opt.gradient_statistics()["noise_scale"])
-        """
-        self._require_statistics("gradient_statistics")
-        return self._pipeline.statistics.snapshot()
-
-    def running_gradient_statistics(self) -> dict[str, Any]:
-        """Returns bias-corrected running averages of the statistics.
-
-        The variance tr(Sigma_M) and the squared mean |E g|**2 are averaged
-        over updates with decay 0.95 and corrected for their start at zero;
-        the noise scale and signal-to-noise ratio are ratios of the
-        averages, never averages of ratios (McCandlish et al., 2018). Values
-        read NaN until an update has measured them.
-
-        Returns:
-            A dict of float32 tensors: scalars `variance`, `mean_norm_sq`,
-            `noise_scale` (micro-batches; a lower bound where
-            `signal_resolved` is 0), `snr`, `signal_resolved`,
-            `updates_averaged` (the bias-correction weight), and
-            per-variable vectors `variable_variance` and
-            `variable_mean_sq`, in the order of the variables the optimizer
-            was built with.
-
-        Raises:
-            ValueError: if statistics are off or the optimizer is not built.
-        """
-        self._require_statistics("running_gradient_statistics")
-        return self._pipeline.statistics.running_averages(
-            self.accumulation_steps
-        )
-
-    # ------------------------------------------------------------------
     # Serialization.
 
     def get_config(self) -> dict[str, Any]:
@@ -647,25 +502,6 @@ class GradientPipelineOptimizer(
         config.pop("gradient_accumulation_steps", None)
         config.update(self._pipeline.settings.config())
         return config
-
-
-def _restoring_pending_state(build):
-    """`build`, followed (in its outermost call: a subclass's `build` calls
-    its parent's first) by the restore of state loaded before `build`
-    (a pickled or deep-copied optimizer), once every slot exists."""
-
-    @functools.wraps(build)
-    def build_then_restore(self, variables):
-        depth = getattr(self, "_build_depth", 0)
-        object.__setattr__(self, "_build_depth", depth + 1)
-        try:
-            build(self, variables)
-        finally:
-            object.__setattr__(self, "_build_depth", depth)
-        if depth == 0:
-            self._apply_pending_state()
-
-    return build_then_restore
 
 
 def _setting(name, doc):
@@ -692,7 +528,7 @@ for _argument in arguments.PIPELINE_ARGUMENTS:
             _setting(_argument.name, _argument.doc),
         )
 arguments.declare_arguments(GradientPipelineOptimizer)
-GradientPipelineOptimizer.build = _restoring_pending_state(
+GradientPipelineOptimizer.build = saved_state.restoring_pending_state(
     GradientPipelineOptimizer.build
 )
 
@@ -748,26 +584,6 @@ class PipelineHooks:
 
     def learning_rate_owner(self):
         return self._optimizer._learning_rate_owner()
-
-
-def _check_keras_arguments(kwargs):
-    """Validates the `keras.optimizers.Optimizer` arguments Keras itself
-    leaves unchecked until they fail inside a compiled update."""
-    if kwargs.get("weight_decay") is not None:
-        kwargs["weight_decay"] = validation.check_float(
-            "weight_decay", kwargs["weight_decay"], minimum=0
-        )
-    if kwargs.get("use_ema"):
-        kwargs["ema_momentum"] = validation.check_float(
-            "ema_momentum", kwargs.get("ema_momentum", 0.99), 0, 1
-        )
-    if kwargs.get("loss_scale_factor") is not None:
-        kwargs["loss_scale_factor"] = validation.check_float(
-            "loss_scale_factor",
-            kwargs["loss_scale_factor"],
-            minimum=0,
-            open_min=True,
-        )
 
 
 def slot_dtype(dtype) -> str:

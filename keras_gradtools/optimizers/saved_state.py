@@ -8,6 +8,10 @@ refuses what does not fit, naming the difference. It adapts to the
 gradient statistics, which callbacks switch on at the start of `fit`.
 """
 
+import functools
+from collections.abc import Sequence
+
+import keras
 from keras import ops
 
 from keras_gradtools.backends import common
@@ -16,8 +20,61 @@ from keras_gradtools.optimizers import layout
 
 
 class SavedState:
-    """Mixin of `GradientPipelineOptimizer`: `save_own_variables`,
+    """Mixin of `GradientPipelineOptimizer`: its variables in their one
+    order, `get_weights`/`set_weights`, `save_own_variables`,
     `load_own_variables` and the layout they check."""
+
+    @property
+    def variables(self) -> list[keras.Variable]:
+        """All optimizer variables: Keras's and the rule's in creation order,
+        then the pipeline's in a fixed order of roles. This one order is
+        used by `get_weights`, `set_weights`, saving and `stateless_apply`,
+        whenever each part was created."""
+        roles = self._roles
+        order = sorted(
+            enumerate(private_api.tracked_variables(self)),
+            key=lambda item: (
+                layout.role_rank(roles.get(id(item[1]))),
+                item[0],
+            ),
+        )
+        return [variable for _, variable in order]
+
+    def get_weights(self) -> list:
+        """The values of `variables`, as NumPy arrays."""
+        return [ops.convert_to_numpy(v) for v in self.variables]
+
+    def set_weights(self, weights: Sequence) -> None:
+        """Sets `variables` from a list of arrays in the same order.
+
+        Raises:
+            ValueError: if the optimizer is not built, or the number or
+                shapes of the arrays do not match `variables`.
+        """
+        if not self.built:
+            raise ValueError(
+                "`set_weights()` needs a built optimizer: call "
+                "`optimizer.build(trainable_variables)` first."
+            )
+        variables = self.variables
+        weights = list(weights)
+        if len(weights) != len(variables):
+            raise ValueError(
+                f"`set_weights()` received {len(weights)} arrays; this "
+                f"optimizer has {len(variables)} variables (see "
+                "`optimizer.variables` for their order)."
+            )
+        for variable, weight in zip(variables, weights):
+            shape = tuple(getattr(weight, "shape", ()))
+            if tuple(variable.shape) != shape:
+                raise ValueError(
+                    f"Optimizer variable {common.variable_path(variable)} has "
+                    "shape "
+                    f"{tuple(variable.shape)}, not compatible with the "
+                    f"provided weight of shape {shape}."
+                )
+        for variable, weight in zip(variables, weights):
+            variable.assign(weight)
 
     def save_own_variables(self, store):
         """Saves every optimizer variable, plus a description of the layout
@@ -176,3 +233,22 @@ class SavedState:
             self._layout_settings(),
             self.variables,
         )
+
+
+def restoring_pending_state(build):
+    """`build`, followed (in its outermost call: a subclass's `build` calls
+    its parent's first) by the restore of state loaded before `build`
+    (a pickled or deep-copied optimizer), once every slot exists."""
+
+    @functools.wraps(build)
+    def build_then_restore(self, variables):
+        depth = getattr(self, "_build_depth", 0)
+        object.__setattr__(self, "_build_depth", depth + 1)
+        try:
+            build(self, variables)
+        finally:
+            object.__setattr__(self, "_build_depth", depth)
+        if depth == 0:
+            self._apply_pending_state()
+
+    return build_then_restore
