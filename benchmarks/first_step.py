@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+import configurations
+
 CONFIGURATIONS = (
     "keras adam",
     "keras accumulation K=4",
@@ -37,29 +39,7 @@ CONFIGURATIONS = (
 
 
 def _optimizer(configuration):
-    import keras
-
-    import keras_gradtools as kg
-
-    if configuration == "keras adam":
-        return keras.optimizers.Adam(1e-3)
-    if configuration == "keras accumulation K=4":
-        return keras.optimizers.Adam(1e-3, gradient_accumulation_steps=4)
-    if configuration == "ours K=1 on_nonfinite=apply":
-        return kg.Adam(1e-3, on_nonfinite="apply")
-    if configuration == "ours K=4 macro":
-        return kg.Adam(1e-3, accumulation_steps=4)
-    if configuration == "ours K=4 micro":
-        return kg.Adam(1e-3, accumulation_steps=4, second_moment="micro")
-    if configuration == "ours K=4 clip+noise+statistics":
-        return kg.Adam(
-            1e-3,
-            accumulation_steps=4,
-            global_clipnorm=1.0,
-            noise_eta=1e-3,
-            track_gradient_statistics=True,
-        )
-    return kg.Adam(1e-3)
+    return configurations.adam_optimizer(configuration, noise_eta=1e-3)
 
 
 def _diagnostic_patch(configuration):

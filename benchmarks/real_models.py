@@ -50,6 +50,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import configurations  # noqa: E402
 import machine  # noqa: E402
 import report  # noqa: E402
 
@@ -72,29 +73,7 @@ BATCH = 32
 
 
 def _optimizer(configuration):
-    import keras
-
-    import keras_gradtools as kg
-
-    if configuration == "keras adam":
-        return keras.optimizers.Adam(1e-3)
-    if configuration == "keras accumulation K=4":
-        return keras.optimizers.Adam(1e-3, gradient_accumulation_steps=4)
-    if configuration == "ours K=1":
-        return kg.Adam(1e-3)
-    if configuration == "ours K=4 macro":
-        return kg.Adam(1e-3, accumulation_steps=4)
-    if configuration == "ours K=4 micro":
-        return kg.Adam(1e-3, accumulation_steps=4, second_moment="micro")
-    if configuration == "ours K=4 clip+noise+statistics":
-        return kg.Adam(
-            1e-3,
-            accumulation_steps=4,
-            global_clipnorm=1.0,
-            noise_eta=0.01,
-            track_gradient_statistics=True,
-        )
-    raise ValueError(f"unknown configuration {configuration!r}")
+    return configurations.adam_optimizer(configuration, noise_eta=0.01)
 
 
 def keras_hub_available():

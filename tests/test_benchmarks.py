@@ -126,3 +126,30 @@ def test_run_all_names_every_benchmark_script():
     listed = {script for script, _ in run_all.SCRIPTS}
     tested = set(BENCHMARKS["tensorflow"]) | set(BENCHMARKS["jax"])
     assert listed == tested
+
+
+@pytest.mark.jax_only
+def test_pipeline_route_traces_one_gradient_through_the_pipeline():
+    """benchmarks/pipeline_route.py (a report of the code's shape, not a
+    benchmark): the traced route passes through the pipeline, its stages,
+    the rule sequence and the rule, and counts what it reports."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pipeline_route.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        check=True,
+    )
+    out = completed.stdout
+    for file in (
+        "pipeline/pipeline.py",
+        "pipeline/accumulator.py",
+        "pipeline/stages.py",
+        "optimizers/rule_sequence.py",
+        "optimizers/adam.py",
+        "transforms/threefry.py",
+    ):
+        assert file in out
+    stops = int(out.split("stops (calls between package files):")[1].split()[0])
+    assert stops > 20
