@@ -8,8 +8,10 @@ from keras import ops
 
 from keras_gradtools import transforms
 from keras_gradtools import validation
+from keras_gradtools.backends import private_api
 from keras_gradtools.optimizers.base import SECOND_MOMENT_MODES
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
+from keras_gradtools.optimizers.base import require_built
 from keras_gradtools.pipeline import arguments
 from keras_gradtools.registration import register
 from keras_gradtools.types import LearningRate
@@ -225,7 +227,7 @@ class Adam(GradientPipelineOptimizer):
         return float(beta) ** ratio
 
     def _require_transfer_state(self, what):
-        self._require_built(what)
+        require_built(self, what)
         if self._transfer_switches is None:
             raise ValueError(
                 f"`{what}` needs an optimizer created with "
@@ -263,23 +265,29 @@ class Adam(GradientPipelineOptimizer):
                 variables, "velocity_hat"
             )
         if self.max_accumulation_steps > 1:
+            # Made like the pipeline's state: placed in the saved layout by
+            # their role, the same on every replica under a strategy.
+            make_state = self.pipeline.hooks.make_state
             object.__setattr__(
                 self,
                 "_transfer_switches",
                 {
-                    name: self._add_state(f"{name}_transfer")
+                    name: make_state(f"{name}_transfer")
                     for name in TRANSFER_SWITCHES
                 },
             )
             object.__setattr__(
                 self,
                 "_weight_decay_factor",
-                self._add_state(
+                make_state(
                     "weight_decay_factor",
                     role="weight_decay_transfer",
                     initial=1.0,
                 ),
             )
+
+    def _weight_decay_factor_variable(self):
+        return self._weight_decay_factor
 
     def _step_scalars(self, learning_rate, dtype):
         """`(alpha, 1 - beta_1_eff, 1 - beta_2_eff)` of this update (the
@@ -319,14 +327,14 @@ class Adam(GradientPipelineOptimizer):
     def update_step(
         self, gradient, variable, learning_rate, micro_batch_variance=None
     ):
-        index = self._variable_index(variable)
+        index = private_api.variable_index(self, variable)
         m = self._momentums[index]
         v = self._velocities[index]
         # The moments' dtype: float32 for a narrower variable (see
         # `add_variable_from_reference`), whose step is cast at the end.
         dtype = m.dtype
         gradient = ops.cast(gradient, dtype)
-        alpha, one_minus_beta_1, one_minus_beta_2 = self._once_per_update(
+        alpha, one_minus_beta_1, one_minus_beta_2 = self.once_per_update(
             ("adam", str(dtype)),
             lambda: self._step_scalars(learning_rate, dtype),
         )

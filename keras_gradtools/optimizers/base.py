@@ -45,7 +45,6 @@ from keras_gradtools.types import LearningRate
 from keras_gradtools.types import TensorLike
 
 SECOND_MOMENT_MODES = ("micro", "macro")
-NONFINITE_POLICIES = arguments.NONFINITE_POLICIES
 
 
 class GradientPipelineOptimizer(
@@ -91,7 +90,6 @@ class GradientPipelineOptimizer(
         )
         object.__setattr__(self, "_strategy", None)
         object.__setattr__(self, "_roles", {})
-        object.__setattr__(self, "_pending_state", None)
         object.__setattr__(self, "_skipped_reported", 0)
         super().__init__(learning_rate=learning_rate, **kwargs)
 
@@ -164,7 +162,7 @@ class GradientPipelineOptimizer(
         factor = validation.check_float(
             "learning_rate_factor", factor, minimum=0.0, open_min=True
         )
-        self._require_built("learning_rate_factor")
+        require_built(self, "learning_rate_factor")
         accumulator = self._pipeline.accumulator
         if not accumulator.accumulates:
             raise ValueError(
@@ -177,18 +175,6 @@ class GradientPipelineOptimizer(
     def _learning_rate_owner(self):
         """The optimizer whose learning-rate setting the rule reads."""
         return self
-
-    def _scaled_learning_rate(self):
-        """The learning rate of this update: the rate (or its schedule's
-        value at `iterations`) times `learning_rate_factor`."""
-        learning_rate = self.learning_rate
-        accumulator = self._pipeline.accumulator
-        if accumulator is not None and accumulator.accumulates:
-            factor = ops.convert_to_tensor(accumulator.learning_rate_factor)
-            learning_rate = ops.multiply(
-                ops.cast(learning_rate, "float32"), factor
-            )
-        return learning_rate
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -206,7 +192,7 @@ class GradientPipelineOptimizer(
     @property
     def micro_steps(self) -> keras.Variable:
         """Micro-batches seen (calls to `apply`), including skipped ones."""
-        self._require_built("micro_steps")
+        require_built(self, "micro_steps")
         return self._pipeline.accumulator.micro_steps
 
     @property
@@ -216,7 +202,7 @@ class GradientPipelineOptimizer(
         Under a strategy, each replica counts its own share of a micro-batch
         (the value read is the sum over replicas).
         """
-        self._require_built("skipped_micro_batches")
+        require_built(self, "skipped_micro_batches")
         return self._pipeline.accumulator.skipped_micro_batches
 
     @property
@@ -269,13 +255,6 @@ class GradientPipelineOptimizer(
                 stacklevel=2,
             )
         return new
-
-    def _require_built(self, what):
-        if not self.built:
-            raise ValueError(
-                f"`{what}` needs a built optimizer: call `apply` (or "
-                "`model.fit`) or `build(variables)` first."
-            )
 
     @property
     def _reads_micro_variance(self):
@@ -401,8 +380,20 @@ class GradientPipelineOptimizer(
             layout=private_api.variable_layout(reference_variable),
         )
 
-    def _variable_index(self, variable):
-        return private_api.variable_index(self, variable)
+    def variable_role(self, variable: keras.Variable) -> str | None:
+        """The role of one of this optimizer's variables in the saved
+        layout (`layout.ROLE_ORDER`), which orders `variables`.
+
+        Args:
+            variable: One of `optimizer.variables`.
+
+        Returns:
+            The role it was made with by the `make_state` hook (the
+            pipeline's state, e.g. `"accumulator"`, or a rule's, e.g. Adam's
+            `"beta_1_transfer"`), or `None` for Keras's own variables and
+            the rule's slots.
+        """
+        return self._roles.get(id(variable))
 
     # ------------------------------------------------------------------
     # Entry point.
@@ -564,10 +555,6 @@ class PipelineHooks:
     def strategy(self):
         return self._optimizer._strategy
 
-    @property
-    def name(self):
-        return self._optimizer.name
-
     def variable_index(self, variable):
         return private_api.variable_index(self._optimizer, variable)
 
@@ -584,6 +571,21 @@ class PipelineHooks:
 
     def learning_rate_owner(self):
         return self._optimizer._learning_rate_owner()
+
+
+def require_built(optimizer, what: str) -> None:
+    """Raises a `ValueError` that names `what` if `optimizer` is not built.
+
+    Args:
+        optimizer: A `GradientPipelineOptimizer`.
+        what: The member that needs the optimizer built, e.g.
+            `"micro_steps"`.
+    """
+    if not optimizer.built:
+        raise ValueError(
+            f"`{what}` needs a built optimizer: call `apply` (or "
+            "`model.fit`) or `build(variables)` first."
+        )
 
 
 def slot_dtype(dtype) -> str:

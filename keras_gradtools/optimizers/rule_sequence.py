@@ -18,7 +18,7 @@ class UpdateRuleSequence:
 
     A subclass implements `update_step` as for any Keras optimizer, writing
     through `self.assign*`; it may ask for scalars computed once per update
-    (not once per variable) with `_once_per_update`.
+    (not once per variable) with `once_per_update`.
     """
 
     def _apply_rule(self, grads, variables, micro_variances, placement):
@@ -47,17 +47,39 @@ class UpdateRuleSequence:
                     lambda v, c=constraint: self.assign(v, c(v)),
                 )
 
+    def _scaled_learning_rate(self):
+        """The learning rate of this update: the rate (or its schedule's
+        value at `iterations`) times `learning_rate_factor`."""
+        learning_rate = self.learning_rate
+        accumulator = self.pipeline.accumulator
+        if accumulator is not None and accumulator.accumulates:
+            factor = ops.convert_to_tensor(accumulator.learning_rate_factor)
+            learning_rate = ops.multiply(
+                ops.cast(learning_rate, "float32"), factor
+            )
+        return learning_rate
+
     def _rule_step(self, grad, variable, learning_rate, variance):
         self._decay_weight(variable, learning_rate)
         self.update_step(
             grad, variable, learning_rate, micro_batch_variance=variance
         )
 
-    def _once_per_update(self, key, compute):
+    def once_per_update(self, key, compute):
         """`compute()`, computed once per update for all the variables that
         ask with the same `key` (a rule's scalars: its step size, its
         decays), not once per variable: a model with hundreds of tensors
-        would otherwise trace and compile hundreds of copies."""
+        would otherwise trace and compile hundreds of copies.
+
+        For `update_step`; outside an update it computes every time.
+
+        Args:
+            key: A hashable that names the scalars, e.g. `("adam", dtype)`.
+            compute: A function of no arguments that returns them.
+
+        Returns:
+            What `compute()` returned for `key` in this update.
+        """
         scalars = getattr(self, "_update_scalars", None)
         if scalars is None:
             return compute()
@@ -67,7 +89,7 @@ class UpdateRuleSequence:
 
     def _decay_weight(self, variable, learning_rate):
         if self.weight_decay and private_api.uses_weight_decay(self, variable):
-            wd, lr = self._once_per_update(
+            wd, lr = self.once_per_update(
                 ("weight_decay", str(variable.dtype)),
                 lambda: self._weight_decay_scalars(
                     learning_rate, variable.dtype
@@ -79,7 +101,7 @@ class UpdateRuleSequence:
         """`(weight_decay, learning_rate)` of this update in `dtype`."""
         lr = ops.cast(learning_rate, dtype)
         wd = ops.cast(self.weight_decay, dtype)
-        factor = getattr(self, "_weight_decay_factor", None)
+        factor = self._weight_decay_factor_variable()
         if factor is not None:
             # Moved with K by a batch-size policy (Adam, AdamW; 1 until
             # then, which leaves `wd` as it is).
@@ -90,6 +112,12 @@ class UpdateRuleSequence:
                 ops.cast(ops.multiply(float(self.weight_decay), factor), dtype),
             )
         return wd, lr
+
+    def _weight_decay_factor_variable(self):
+        """The variable that moves the weight decay with K (a rule's state,
+        e.g. Adam's `weight_decay_factor`), or `None`: the decay is then
+        `weight_decay` as it is."""
+        return None
 
     def update_step(
         self, gradient, variable, learning_rate, micro_batch_variance=None

@@ -22,7 +22,18 @@ from keras_gradtools.optimizers import layout
 class SavedState:
     """Mixin of `GradientPipelineOptimizer`: its variables in their one
     order, `get_weights`/`set_weights`, `save_own_variables`,
-    `load_own_variables` and the layout they check."""
+    `load_own_variables` and the layout they check.
+
+    It asks the optimizer for `variable_role` (each variable's place in
+    the saved layout) and `pipeline`, and owns the state loaded before
+    `build` until `build` applies it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        # (saved layout, arrays) loaded before `build`, or `None`. Set
+        # before Keras's `__init__`, as a plain attribute (not tracked).
+        object.__setattr__(self, "_pending_state", None)
+        super().__init__(*args, **kwargs)
 
     @property
     def variables(self) -> list[keras.Variable]:
@@ -30,11 +41,10 @@ class SavedState:
         then the pipeline's in a fixed order of roles. This one order is
         used by `get_weights`, `set_weights`, saving and `stateless_apply`,
         whenever each part was created."""
-        roles = self._roles
         order = sorted(
             enumerate(private_api.tracked_variables(self)),
             key=lambda item: (
-                layout.role_rank(roles.get(id(item[1]))),
+                layout.role_rank(self.variable_role(item[1])),
                 item[0],
             ),
         )
@@ -156,9 +166,9 @@ class SavedState:
             variable.assign(array)
         self.pipeline.check_restored_cycle()
         accumulator = self.pipeline.accumulator
-        roles = self._roles
-        missing = {roles.get(id(v)) for v in self.variables} - {
-            roles.get(id(v)) for v in variables
+        role = self.variable_role
+        missing = {role(v) for v in self.variables} - {
+            role(v) for v in variables
         }
         missing -= {
             "beta_1_transfer",
@@ -186,8 +196,9 @@ class SavedState:
                 "beta_2_transfer",
                 "weight_decay_transfer",
             }
-        roles = self._roles
-        return [v for v in self.variables if roles.get(id(v)) not in dropped]
+        return [
+            v for v in self.variables if self.variable_role(v) not in dropped
+        ]
 
     def _load_unbuilt_state(self, saved, arrays):
         """The state of an optimizer saved before it was built: Keras's own

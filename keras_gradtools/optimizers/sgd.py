@@ -5,6 +5,7 @@ from typing import Any
 from keras import ops
 
 from keras_gradtools import validation
+from keras_gradtools.backends import private_api
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
 from keras_gradtools.pipeline import arguments
 from keras_gradtools.registration import register
@@ -74,7 +75,7 @@ class SGD(GradientPipelineOptimizer):
             gradient = ops.cast(gradient, variable.dtype)
             self.assign_sub(variable, ops.multiply(gradient, learning_rate))
             return
-        m = self.momentums[self._variable_index(variable)]
+        m = self.momentums[private_api.variable_index(self, variable)]
         # The momentum's dtype: float32 for a narrower variable (see
         # `add_variable_from_reference`), whose step is cast at the end.
         dtype = m.dtype

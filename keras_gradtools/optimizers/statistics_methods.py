@@ -27,11 +27,13 @@ class GradientStatisticsMethods:
                 (4 bytes per parameter) where the update rule does not, for
                 per-coordinate variances (the monitor's histograms).
         """
+        pipeline = self.pipeline
+        strategy = pipeline.hooks.strategy
         scope = contextlib.nullcontext()
-        if self._strategy is not None:
-            scope = self._strategy.scope()
+        if strategy is not None:
+            scope = strategy.scope()
         with scope:
-            self._pipeline.enable_statistics(per_coordinate)
+            pipeline.enable_statistics(per_coordinate)
 
     def _require_statistics(self, method):
         if not self.track_gradient_statistics:
@@ -43,7 +45,11 @@ class GradientStatisticsMethods:
                 "GradientVarianceMonitor to fit. (The current noise level is "
                 "`optimizer.noise_std`.)"
             )
-        self._require_built(method + "()")
+        if not self.built:
+            raise ValueError(
+                f"`{method}()` needs a built optimizer: call `apply` (or "
+                "`model.fit`) or `build(variables)` first."
+            )
 
     def gradient_statistics(self) -> dict[str, Any]:
         """Returns a snapshot of the gradient statistics of the last update.
@@ -80,7 +86,7 @@ class GradientStatisticsMethods:
         >>> float(opt.gradient_statistics()["noise_scale"])
         """
         self._require_statistics("gradient_statistics")
-        return self._pipeline.statistics.snapshot()
+        return self.pipeline.statistics.snapshot()
 
     def running_gradient_statistics(self) -> dict[str, Any]:
         """Returns bias-corrected running averages of the statistics.
@@ -104,6 +110,6 @@ class GradientStatisticsMethods:
             ValueError: if statistics are off or the optimizer is not built.
         """
         self._require_statistics("running_gradient_statistics")
-        return self._pipeline.statistics.running_averages(
+        return self.pipeline.statistics.running_averages(
             self.accumulation_steps
         )
