@@ -38,18 +38,6 @@ ALLOWED: dict[str, str] = {
         "the same adapter's gate hook (overridden by the wrapper; "
         "benchmarks/first_step.py replaces it by this name)"
     ),
-    "keras_gradtools/callbacks/adaptive_accumulation.py:_pipeline_optimizer": (
-        "the monitor module's helper, shared by the callbacks package "
-        "(to become public there: issue 24 follow-up)"
-    ),
-    "keras_gradtools/callbacks/batch_size_schedule.py:_pipeline_optimizer": (
-        "the same helper of the callbacks package (issue 24 follow-up)"
-    ),
-    "keras_gradtools/callbacks/transfer.py:_weight_decay_factor": (
-        "asks whether Adam keeps a weight-decay factor before setting the "
-        "public `weight_decay_factor` (issue 24 follow-up: ask "
-        "`max_accumulation_steps` instead)"
-    ),
 }
 
 _DEFINING_CALLS = ("setattr", "__setattr__")

@@ -21,7 +21,7 @@ from keras_gradtools import validation
 from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import transfer as transfer_lib
 from keras_gradtools.callbacks.gradient_variance_monitor import (
-    _pipeline_optimizer,
+    pipeline_optimizer,
 )
 from keras_gradtools.callbacks.summary_writer import SummaryWriter
 from keras_gradtools.callbacks.transfer import LEARNING_RATE_RULES
@@ -167,7 +167,7 @@ class AdaptiveAccumulation(keras.callbacks.Callback):
         self.history = []
 
     def on_train_begin(self, logs=None):
-        optimizer = _pipeline_optimizer(self.model.optimizer)
+        optimizer = pipeline_optimizer(self.model.optimizer)
         if optimizer is None:
             raise ValueError(
                 "AdaptiveAccumulation needs a keras_gradtools optimizer (its "

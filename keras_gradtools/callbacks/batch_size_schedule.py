@@ -27,7 +27,7 @@ from keras_gradtools import validation
 from keras_gradtools.backends import callback_hooks
 from keras_gradtools.callbacks import transfer as transfer_lib
 from keras_gradtools.callbacks.gradient_variance_monitor import (
-    _pipeline_optimizer,
+    pipeline_optimizer,
 )
 from keras_gradtools.callbacks.summary_writer import SummaryWriter
 
@@ -146,7 +146,7 @@ class BatchSizeSchedule(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         name = type(self).__name__
-        optimizer = _pipeline_optimizer(self.model.optimizer)
+        optimizer = pipeline_optimizer(self.model.optimizer)
         if optimizer is None:
             raise ValueError(
                 f"{name} needs a keras_gradtools optimizer (K is its state); "

@@ -168,7 +168,7 @@ class GradientVarianceMonitor(keras.callbacks.Callback):
         self._latest = None
         self._probe_running = None
         self._nonfinite_reported = set()
-        optimizer = _pipeline_optimizer(self.model.optimizer)
+        optimizer = pipeline_optimizer(self.model.optimizer)
         self._optimizer = optimizer
         self.mode = self._choose_mode(optimizer)
         if self.batch_size is None:
@@ -520,9 +520,16 @@ def _bounded(stats):
     return scale, snr, 1.0
 
 
-def _pipeline_optimizer(optimizer):
+def pipeline_optimizer(optimizer):
     """The keras_gradtools optimizer inside `optimizer`, if any (Keras wraps
-    optimizers in a LossScaleOptimizer under mixed precision)."""
+    optimizers in a LossScaleOptimizer under mixed precision).
+
+    Args:
+        optimizer: A Keras optimizer (a model's `optimizer`).
+
+    Returns:
+        The `GradientPipelineOptimizer` it is or holds, else `None`.
+    """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     if isinstance(optimizer, GradientPipelineOptimizer):

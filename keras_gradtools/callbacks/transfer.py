@@ -213,7 +213,8 @@ class HyperparameterTransfer:
             optimizer.learning_rate_factor = factor * schedule_factor
         if (
             self.weight_decay
-            and getattr(optimizer, "_weight_decay_factor", None) is not None
+            and hasattr(optimizer, "weight_decay_factor")
+            and optimizer.max_accumulation_steps > 1
         ):
             optimizer.weight_decay_factor = weight_decay_factor(
                 steps, base, factor
