@@ -51,7 +51,7 @@ class CycleSums(NamedTuple):
     means: list
     samples: Any
     valid: Any
-    norm_sums: list | None
+    norm_sums: Any
     mean_squares: list | None
 
 
@@ -440,7 +440,8 @@ class GradientAccumulator:
         return ops.maximum(recorded, 1), ops.greater(recorded, 0)
 
     def norm_sums(self, indices, count=None, samples=1):
-        """Σ|g|² per variable, or `None` when not kept.
+        """Σ|g|² of the variables `indices`, as one vector in their order,
+        or `None` when not kept.
 
         Weighted, `Q = sum w |h|**2` is returned as `Q * count / (samples *
         W)`: the sum of equal-weight samples with the same weighted mean
@@ -457,7 +458,11 @@ class GradientAccumulator:
                 ),
             )
             sums = ops.multiply(sums, scale)
-        return [sums[i] for i in indices]
+        if list(indices) == list(range(self.square_norm_sums.shape[0])):
+            return sums
+        # One gather, not a constant-index slice per variable (each would
+        # be a kernel of its own for XLA to compile).
+        return ops.take(sums, list(indices))
 
     def maxima(self, index):
         """The cycle maximum of a variable overwritten with its gradient."""

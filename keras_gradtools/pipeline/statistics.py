@@ -65,9 +65,11 @@ class GradientStatistics:
         """The statistics of this update, plus per-variable parts.
 
         Args:
-            mean_norms: `|g_bar|**2` per variable of this update.
+            mean_norms: `|g_bar|**2` per variable of this update (a list
+                of scalars or one vector).
             norm_sums: `Q = sum |g_i|**2` per variable (summed over the
-                replicas), or `None` when there are no micro-batch sums.
+                replicas; a list of scalars or one vector), or `None` when
+                there are no micro-batch sums.
             count: Scalar float32, the micro-batches in the mean.
             samples: Gradient samples per micro-batch (R under a strategy
                 whose replicas' gradients are samples, else 1).
@@ -79,24 +81,29 @@ class GradientStatistics:
         Returns:
             A measurement to pass to `record`.
         """
-        grad_norm = ops.sqrt(transforms.total(mean_norms))
+        # One vector per quantity, not one small graph per variable: XLA
+        # compiles each distinct kernel separately (about 15 ms each on
+        # CPU), and per-variable scalars picked out of a vector by a
+        # constant index are distinct kernels (docs/performance.md).
+        mean_norms = _vector(mean_norms)
+        grad_norm = ops.sqrt(ops.sum(mean_norms))
         if norm_sums is None:
             return {"grad_norm": grad_norm}, None, None
         replicas = ops.cast(samples, "float32")
-        variances = [
-            transforms.micro_batch_variance_from_sums(q, m, count, replicas)
-            for q, m in zip(norm_sums, mean_norms)
-        ]
+        variances = transforms.micro_batch_variance_from_sums(
+            _vector(norm_sums), mean_norms, count, replicas
+        )
         stats = transforms.gradient_statistics_from_sums(
-            transforms.total(variances),
-            transforms.total(mean_norms),
+            ops.sum(variances),
+            ops.sum(mean_norms),
             count,
             samples=ops.multiply(count, replicas),
         )
         stats["grad_norm"] = grad_norm
         parts = {
-            "variable_variance": dict(zip(indices, variances)),
-            "variable_mean_sq": dict(zip(indices, mean_norms)),
+            "variable_variance": variances,
+            "variable_mean_sq": mean_norms,
+            "indices": list(indices),
         }
         return stats, parts, valid
 
@@ -133,14 +140,13 @@ class GradientStatistics:
         smooth(self.running["variance"], stats["variance"])
         smooth(self.running["mean_norm_sq"], stats["mean_norm_sq"])
         smooth(self.running["weight"], ops.ones(()))
+        indices = parts["indices"]
         for name in _RUNNING_PER_VARIABLE:
-            old = ops.convert_to_tensor(self.running[name])
-            value = ops.stack(
-                [
-                    parts[name].get(i, old[i])
-                    for i in range(self._variable_count)
-                ]
-            )
+            value = parts[name]
+            if indices != list(range(self._variable_count)):
+                # Variables without a gradient keep their average.
+                old = ops.convert_to_tensor(self.running[name])
+                value = ops.scatter_update(old, [[i] for i in indices], value)
             smooth(self.running[name], value)
 
     def snapshot(self):
@@ -180,3 +186,10 @@ class GradientStatistics:
         result["signal_resolved"] = ops.where(measured, resolved, nan)
         result["updates_averaged"] = weight
         return result
+
+
+def _vector(values):
+    """A list of per-variable scalars as one vector (a vector unchanged)."""
+    if isinstance(values, (list, tuple)):
+        return ops.stack(list(values))
+    return values

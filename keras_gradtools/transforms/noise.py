@@ -62,13 +62,63 @@ def gaussian_noise(
         `shapes[i]` for each `i` in `wanted`.
     """
     sizes = [math.prod(shape) for shape in shapes]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    normals = standard_normal(sum(sizes), (seed, 0), step)
     if wanted is None:
         wanted = range(len(shapes))
+    if len(shapes) == 1:
+        normals = standard_normal(sizes[0], (seed, 0), step)
+        return [ops.reshape(normals, tuple(shapes[0])) for _ in wanted]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    normals, starts = _drawn_once(
+        sum(sizes), seed, step, [offsets[i] for i in wanted]
+    )
     return [
-        ops.reshape(
-            normals[offsets[i] : offsets[i] + sizes[i]], tuple(shapes[i])
-        )
-        for i in wanted
+        ops.reshape(ops.slice(normals, (start,), (sizes[i],)), shapes[i])
+        for i, start in zip(wanted, starts)
     ]
+
+
+def _drawn_once(count, seed, step, offsets):
+    """`standard_normal(count, (seed, 0), step)` in a buffer of its own,
+    and `offsets` as values known only at run time.
+
+    XLA compiles each distinct kernel separately (about 15 ms each on a
+    CPU). Left to itself, it fuses the whole generator into the reader of
+    every variable's slice of the draw, and a slice at a constant offset
+    makes each reader a distinct kernel: a 122-tensor model spent about
+    10 s compiling the noise. Here one loop, whose trip count XLA cannot
+    see (the seed's top bit, always zero, plus one), draws once and passes
+    the offsets through an exclusive-or with that zero: the draw stays one
+    kernel, and the variables' readers, which slice at run-time offsets,
+    are one kernel per shape.
+    """
+
+    # The seed and step travel through the loop too: a value the body
+    # captured from outside may be a constant (eagerly, JAX still compiles
+    # the loop), and XLA would then fold `standard_normal`'s run-time zero
+    # and fuse its multiply-adds, changing the last bit.
+    def opaque(value):
+        zero = ops.right_shift(ops.cast(value[0], "uint32"), 31)
+        return tuple(
+            ops.bitwise_xor(part, ops.cast(zero, part.dtype)) for part in value
+        )
+
+    def body(i, carry):
+        del i
+        _, (seed, step), offsets = carry
+        return (
+            standard_normal(count, (seed, 0), step),
+            opaque((seed, step)),
+            tuple(opaque((seed,) + offsets)[1:]),
+        )
+
+    seed = ops.convert_to_tensor(seed, "int32")
+    initial = (
+        ops.zeros((count,), "float32"),
+        (seed, ops.convert_to_tensor(step, "int32")),
+        tuple(ops.convert_to_tensor(o, "int32") for o in offsets),
+    )
+    once = ops.add(
+        ops.cast(ops.right_shift(ops.cast(seed, "uint32"), 31), "int32"), 1
+    )
+    normals, _, starts = ops.fori_loop(0, once, body, initial)
+    return normals, starts
