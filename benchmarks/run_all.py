@@ -14,8 +14,10 @@ second, the monitor's overhead, peak memory), `benchmarks/jax_step_cost.py`
 (JAX: ours against optax and Keras), `benchmarks/jax_allreduce.py` (JAX:
 an all-reduce per micro-batch against a local sum),
 `benchmarks/first_step.py` (JAX: time to the first step on a deep MLP),
-`benchmarks/real_models.py` (JAX: first step, step time, optimizer state
-and peak memory on real architectures, as ratios to Keras) and
+`benchmarks/fit_k1.py` (JAX: `fit` at K=1 against Keras's Adam, with and
+without the finite check), `benchmarks/real_models.py` (JAX: first step,
+step time, optimizer state and peak memory on real architectures, as
+ratios to Keras) and
 `benchmarks/scaling.py` on both backends (cost against model size and
 tensor count), and prints the reports. `--quick` shrinks every one to a
 format smoke test (CI runs it); timings are never asserted. Exits with the
@@ -37,6 +39,7 @@ SCRIPTS = (
     ("jax_allreduce.py", "jax"),
     ("first_step.py", "jax"),
     ("real_models.py", "jax"),
+    ("fit_k1.py", "jax"),
     ("scaling.py", None),  # runs each backend itself
 )
 

@@ -46,6 +46,12 @@ BENCHMARKS = {
         ],
         "jax_allreduce.py": ["all-reduce ms", "local s + g ms"],
         "first_step.py": ["6-layer MLP", "keras adam", "ours K=1"],
+        "fit_k1.py": [
+            "MLP 64-64-64-10",
+            "keras adam",
+            "ours on_nonfinite=apply",
+            "ours check without fallback",
+        ],
         "real_models.py": [
             "mlp50 (50)",
             "keras accumulation K=4",

@@ -12,12 +12,12 @@ per tensor shows up as a difference of 40 or more (the noise, the per-variable
 statistics and the clipping once made 4 to 6 distinct kernels per tensor).
 """
 
-import re
-
-import numpy as np
 import pytest
+from test_examples import _load
 
-import keras_gradtools as kg
+_kernels = _load("benchmarks/compiled_kernels.py")
+CONFIGURATIONS = _kernels.CONFIGURATIONS
+compiled_update = _kernels.compiled_update
 
 pytestmark = pytest.mark.jax_only
 
@@ -26,67 +26,10 @@ pytestmark = pytest.mark.jax_only
 SLACK = 2
 
 
-def _distinct_fused_kernels(hlo_text):
-    computations = re.split(r"\n(?=%?\S+ \(.*\) -> .* \{\n)", hlo_text)
-    kernels = set()
-    for computation in computations:
-        name = re.match(r"%?(\S+) \(", computation)
-        if name is None or "fus" not in name.group(1):
-            continue
-        body = computation.split("\n", 1)[1]
-        body = re.sub(r"%[\w.\-]+", "%x", body)
-        body = re.sub(r", metadata=\{[^}]*\}", "", body)
-        kernels.add(body)
-    return len(kernels)
-
-
-def _compiled_kernels(layers, **kwargs):
-    import jax
-    import keras
-
-    variables = [
-        keras.Variable(np.zeros(shape, "float32"))
-        for _ in range(layers)
-        for shape in ((16, 16), (16,))
-    ]
-    optimizer = kg.Adam(1e-3, **kwargs)
-    optimizer.build(variables)
-    grads = [np.ones(v.shape, "float32") for v in variables]
-
-    def step(optimizer_values, values, grads):
-        return optimizer.stateless_apply(optimizer_values, grads, values)
-
-    compiled = (
-        jax.jit(step)
-        .lower(
-            [v.value for v in optimizer.variables],
-            [v.value for v in variables],
-            grads,
-        )
-        .compile()
-    )
-    return _distinct_fused_kernels(compiled.as_text())
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"accumulation_steps": 4},
-        {"accumulation_steps": 4, "second_moment": "micro", "clipnorm": 1.0},
-        {"accumulation_steps": 4, "noise_eta": 1e-3},
-        {
-            "accumulation_steps": 4,
-            "global_clipnorm": 1.0,
-            "noise_eta": 1e-3,
-            "track_gradient_statistics": True,
-        },
-    ],
-    ids=["k1", "k4", "k4-micro-clipnorm", "k4-noise", "k4-clip-noise-stats"],
-)
-def test_distinct_kernels_do_not_grow_with_the_tensor_count(kwargs):
-    few = _compiled_kernels(10, **kwargs)
-    many = _compiled_kernels(30, **kwargs)
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_distinct_kernels_do_not_grow_with_the_tensor_count(name):
+    few, _ = compiled_update(10, **CONFIGURATIONS[name])
+    many, _ = compiled_update(30, **CONFIGURATIONS[name])
     assert many <= few + SLACK, (
         f"{few} distinct kernels for 20 tensors, {many} for 60: a stage "
         "compiles a kernel per tensor"
