@@ -3,13 +3,13 @@ tensor counts (JAX; issue 25, item 2; docs/performance.md).
 
 XLA compiles each distinct fused kernel of a program separately and
 identical ones once, so the first step of a model with many tensors of few
-shapes costs what its *distinct* kernels cost (on this 2-core CPU, about
-15 ms each). A pipeline stage written per tensor (a slice at a constant
-offset, a constant index) adds kernels with the tensor count; one written
-per shape does not. For each configuration this compiles
-`stateless_apply` for a model of 2N tensors of two shapes and counts the
-distinct fused computations in the optimized HLO (names and metadata
-removed), and times lowering plus compiling, for N = 10 and 30.
+shapes costs what its *distinct* kernels cost. A pipeline stage written
+per tensor (a slice at a constant offset, a constant index) adds kernels
+with the tensor count; one written per shape does not. For each
+configuration this compiles `stateless_apply` for a model of 2N tensors
+of two shapes and counts the distinct fused computations in the optimized
+HLO (names and metadata removed), and times lowering plus compiling, for
+N = 10 and 30.
 
     KERAS_BACKEND=jax python benchmarks/compiled_kernels.py [--markdown]
 """

@@ -82,9 +82,9 @@ class GradientStatistics:
             A measurement to pass to `record`.
         """
         # One vector per quantity, not one small graph per variable: XLA
-        # compiles each distinct kernel separately (about 15 ms each on
-        # CPU), and per-variable scalars picked out of a vector by a
-        # constant index are distinct kernels (docs/performance.md).
+        # compiles each distinct kernel separately, and per-variable
+        # scalars picked out of a vector by a constant index are distinct
+        # kernels (docs/performance.md).
         mean_norms = _vector(mean_norms)
         grad_norm = ops.sqrt(ops.sum(mean_norms))
         if norm_sums is None:
