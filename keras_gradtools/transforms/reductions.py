@@ -15,10 +15,9 @@ from keras_gradtools.types import TensorLike
 
 
 def flat_sum(tensor: TensorLike) -> TensorLike:
-    """Returns `sum(tensor)` over a 1-D view of it, in the form the backend
-    sums fastest (`backends.flat_sum`: XLA on CPU reduces a flat array
-    in one pass but an N-D one through a tree of reduce-windows, measured
-    2x slower)."""
+    """Returns `sum(tensor)`, in the form the backend sums fastest
+    (`backends.flat_sum`: a matrix-vector product with ones on TensorFlow,
+    a reduction over all axes on JAX)."""
     return backends.flat_sum(tensor)
 
 
