@@ -181,3 +181,18 @@ def check_keras_optimizer_arguments(kwargs):
             minimum=0,
             open_min=True,
         )
+
+
+def require_built(optimizer, what: str) -> None:
+    """Raises a `ValueError` that names `what` if `optimizer` is not built.
+
+    Args:
+        optimizer: A keras_gradtools optimizer (anything with `built`).
+        what: The member that needs the optimizer built, e.g.
+            `"micro_steps"`.
+    """
+    if not optimizer.built:
+        raise ValueError(
+            f"`{what}` needs a built optimizer: call `apply` (or "
+            "`model.fit`) or `build(variables)` first."
+        )

@@ -11,7 +11,6 @@ from keras_gradtools import validation
 from keras_gradtools.backends import private_api
 from keras_gradtools.optimizers.base import SECOND_MOMENT_MODES
 from keras_gradtools.optimizers.base import GradientPipelineOptimizer
-from keras_gradtools.optimizers.base import require_built
 from keras_gradtools.pipeline import arguments
 from keras_gradtools.registration import register
 from keras_gradtools.types import LearningRate
@@ -227,7 +226,7 @@ class Adam(GradientPipelineOptimizer):
         return float(beta) ** ratio
 
     def _require_transfer_state(self, what):
-        require_built(self, what)
+        validation.require_built(self, what)
         if self._transfer_switches is None:
             raise ValueError(
                 f"`{what}` needs an optimizer created with "

@@ -162,7 +162,7 @@ class GradientPipelineOptimizer(
         factor = validation.check_float(
             "learning_rate_factor", factor, minimum=0.0, open_min=True
         )
-        require_built(self, "learning_rate_factor")
+        validation.require_built(self, "learning_rate_factor")
         accumulator = self._pipeline.accumulator
         if not accumulator.accumulates:
             raise ValueError(
@@ -192,7 +192,7 @@ class GradientPipelineOptimizer(
     @property
     def micro_steps(self) -> keras.Variable:
         """Micro-batches seen (calls to `apply`), including skipped ones."""
-        require_built(self, "micro_steps")
+        validation.require_built(self, "micro_steps")
         return self._pipeline.accumulator.micro_steps
 
     @property
@@ -202,7 +202,7 @@ class GradientPipelineOptimizer(
         Under a strategy, each replica counts its own share of a micro-batch
         (the value read is the sum over replicas).
         """
-        require_built(self, "skipped_micro_batches")
+        validation.require_built(self, "skipped_micro_batches")
         return self._pipeline.accumulator.skipped_micro_batches
 
     @property
@@ -571,21 +571,6 @@ class PipelineHooks:
 
     def learning_rate_owner(self):
         return self._optimizer._learning_rate_owner()
-
-
-def require_built(optimizer, what: str) -> None:
-    """Raises a `ValueError` that names `what` if `optimizer` is not built.
-
-    Args:
-        optimizer: A `GradientPipelineOptimizer`.
-        what: The member that needs the optimizer built, e.g.
-            `"micro_steps"`.
-    """
-    if not optimizer.built:
-        raise ValueError(
-            f"`{what}` needs a built optimizer: call `apply` (or "
-            "`model.fit`) or `build(variables)` first."
-        )
 
 
 def slot_dtype(dtype) -> str:

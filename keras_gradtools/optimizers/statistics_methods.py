@@ -6,6 +6,8 @@ stage, `pipeline/statistics.py`."""
 import contextlib
 from typing import Any
 
+from keras_gradtools import validation
+
 
 class GradientStatisticsMethods:
     """Mixin of `GradientPipelineOptimizer`: `enable_gradient_statistics`,
@@ -45,11 +47,7 @@ class GradientStatisticsMethods:
                 "GradientVarianceMonitor to fit. (The current noise level is "
                 "`optimizer.noise_std`.)"
             )
-        if not self.built:
-            raise ValueError(
-                f"`{method}()` needs a built optimizer: call `apply` (or "
-                "`model.fit`) or `build(variables)` first."
-            )
+        validation.require_built(self, method + "()")
 
     def gradient_statistics(self) -> dict[str, Any]:
         """Returns a snapshot of the gradient statistics of the last update.
