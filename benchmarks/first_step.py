@@ -58,12 +58,14 @@ def _diagnostic_patch(configuration):
 
         transforms.all_finite = all_finite
     if configuration.endswith("gate off"):
+        import dataclasses
 
-        def run_ungated(self, gate, fn):
-            del self, gate
-            fn()
+        apply_rule = base.GradientPipelineOptimizer._apply_rule
 
-        base.GradientPipelineOptimizer._run_gated = run_ungated
+        def apply_rule_ungated(self, update):
+            apply_rule(self, dataclasses.replace(update, gate=None))
+
+        base.GradientPipelineOptimizer._apply_rule = apply_rule_ungated
 
 
 def run_one(configuration, hidden_layers):

@@ -34,10 +34,6 @@ ALLOWED: dict[str, str] = {
         "optimizer (design.md §4), calls the rule sequence's step, which "
         "the wrapper overrides; a hook, not a user API"
     ),
-    "keras_gradtools/optimizers/base.py:_run_gated": (
-        "the same adapter's gate hook (overridden by the wrapper; "
-        "benchmarks/first_step.py replaces it by this name)"
-    ),
 }
 
 _DEFINING_CALLS = ("setattr", "__setattr__")

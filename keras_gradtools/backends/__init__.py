@@ -52,6 +52,16 @@ def current():
     )
 
 
+def runner():
+    """Returns the module that runs the pipeline on the active backend
+    (`tensorflow_apply` or `jax_apply`): its `apply(pipeline, grads,
+    indices, weight, state)`."""
+    check_supported()
+    return importlib.import_module(
+        f"keras_gradtools.backends.{keras.backend.backend()}_apply"
+    )
+
+
 def cond(predicate, true_fn, false_fn):
     """`keras.ops.cond`, without recompiling on every eager call on JAX.
 

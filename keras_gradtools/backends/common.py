@@ -2,6 +2,8 @@
 
 import contextlib
 
+from keras import ops
+
 
 def variable_path(variable) -> str:
     """A variable's path (`keras.Variable`) or name (`tf.Variable`)."""
@@ -21,3 +23,28 @@ def outside_trace():
 
         return tf.init_scope()
     return contextlib.nullcontext()
+
+
+def blocked_sum(flat, width: int = 1024):
+    """Returns `sum(flat)` of a 1-D tensor as a matrix-vector product with
+    ones over rows of `width` elements, plus the remainder.
+
+    TensorFlow's XLA on CPU compiles a dot to an optimised library call
+    but a reduction fused with an elementwise producer (`sum(t**2)`) to a
+    slow scalar loop; this form reads the tensor at memory speed there.
+    Exact in the products (`x * 1`); the order of additions differs from a
+    plain sum by float32 rounding.
+    """
+    size = flat.shape[0]
+    if size is None:
+        # Unknown static length (e.g. the rows of a sparse gradient in a
+        # traced step): a plain sum.
+        return ops.sum(flat)
+    rows = size // width
+    if rows < 2:
+        return ops.sum(flat)
+    head = ops.reshape(flat[: rows * width], (rows, width))
+    result = ops.sum(ops.matmul(head, ops.ones((width,), dtype=flat.dtype)))
+    if rows * width < size:
+        result = result + ops.sum(flat[rows * width :])
+    return result

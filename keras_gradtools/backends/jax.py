@@ -14,9 +14,9 @@ skipped branch copies nothing (docs/design.md §5: 7.4 ms per micro-batch agains
 a 4.4 ms floor at 16.8M parameters; selecting with `where`, as optax's
 `MultiSteps` and Keras's own accumulation do, costs 44.6 ms).
 
-Called eagerly (outside any stateless scope), `apply` runs the pipeline as
-one `jax.jit`-compiled function of the variables' values (or, with
-`jit_compile=False`, op by op) and writes the results back.
+How the pipeline is run on JAX (in place, or as one compiled function)
+is `jax_apply.py`; this module holds the operations the pipeline's stages
+use.
 """
 
 import contextlib
@@ -28,7 +28,6 @@ import numpy as np
 from keras import ops
 
 from keras_gradtools.backends import common
-from keras_gradtools.backends import private_api
 
 
 def run_if(predicate, fn, state):
@@ -55,7 +54,7 @@ def run_if(predicate, fn, state):
         ) as scope:
             fn()
         return [
-            _current_value(scope, variable, value)
+            current_value(scope, variable, value)
             for variable, value in zip(state, values)
         ]
 
@@ -99,59 +98,11 @@ def square_sum(tensor):
     return ops.sum(ops.square(ops.reshape(tensor, (-1,))))
 
 
-def _current_value(scope, variable, default):
+def current_value(scope, variable, default):
+    """The value `scope` holds for `variable`, or `default` if it wrote
+    none."""
     value = scope.get_current_value(variable)
     return default if value is None else value
-
-
-def apply(pipeline, grads, variables, weight=None):
-    """Runs one micro-batch through `pipeline`: in place inside a stateless
-    scope (`fit`, `stateless_apply`), else as a function of the variables'
-    values whose results are written back."""
-    if private_api.in_stateless_scope():
-        pipeline.run(grads, variables, weight)
-        return
-    hooks = pipeline.hooks
-    state = hooks.state_variables()
-    indices = tuple(pipeline.variable_indices(variables))
-    function = _stateless_pipeline(pipeline, indices)
-    # A callable learning rate is called now, as Keras calls it on every
-    # apply, and its value passed in: traced, it would be frozen.
-    learning_rate = private_api.callable_learning_rate_value(
-        hooks.learning_rate_owner()
-    )
-    new_values = function(
-        [v.value for v in state], list(grads), learning_rate, weight
-    )
-    for variable, value in zip(state, new_values):
-        variable.assign(value)
-
-
-def _stateless_pipeline(pipeline, indices):
-    """The pipeline as a pure function `(state values, grads) -> new state
-    values`, jitted unless `jit_compile=False`; cached per variable set."""
-    cache = pipeline.compiled
-    if indices not in cache:
-        hooks = pipeline.hooks
-        state = hooks.state_variables()
-        variables = [pipeline.variables[i] for i in indices]
-
-        def run(values, grads, learning_rate, weight):
-            owner = hooks.learning_rate_owner()
-            with (
-                keras.StatelessScope(
-                    state_mapping=list(zip(state, values))
-                ) as scope,
-                private_api.feeding_learning_rate(owner, learning_rate),
-            ):
-                pipeline.run(grads, variables, weight)
-            return [
-                _current_value(scope, variable, value)
-                for variable, value in zip(state, values)
-            ]
-
-        cache[indices] = jax.jit(run) if pipeline.settings.jit_compile else run
-    return cache[indices]
 
 
 def nonfinite_guard(grads, variables, micro_step):

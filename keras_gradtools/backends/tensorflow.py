@@ -31,14 +31,14 @@ def flat_sum(tensor):
     """`sum(tensor)` as a matrix-vector product with ones: TensorFlow's XLA
     on CPU compiles a dot to a library call that reads at memory speed,
     and reductions to slower loops (`benchmarks/xla_pieces.py`)."""
-    return transforms.blocked_sum(ops.reshape(tensor, (-1,)))
+    return common.blocked_sum(ops.reshape(tensor, (-1,)))
 
 
 def square_sum(tensor):
     """`sum(tensor**2)` as a matrix-vector product with ones: TensorFlow's
     XLA on CPU compiles `sum(t**2)` to a slow fused loop (measured 4.3x
     slower at 4M parameters) and a dot to a library call."""
-    return transforms.blocked_sum(ops.square(ops.reshape(tensor, (-1,))))
+    return common.blocked_sum(ops.square(ops.reshape(tensor, (-1,))))
 
 
 def not_for_autograph(function):
@@ -74,53 +74,6 @@ def run_if(predicate, fn, state=None):
         (tf.constant(0, tf.int32),),
         maximum_iterations=1,
     )
-
-
-def apply(pipeline, grads, variables, weight=None):
-    """Runs one micro-batch (of count `weight`, or `None`) through
-    `pipeline`.
-
-    Under a `tf.distribute` strategy, in replica or cross-replica context,
-    the halves of `tf_distribute` run it; eagerly with `jit_compile=True`,
-    one XLA-compiled function; otherwise it is traced (or run) in place.
-    """
-    if tf.distribute.has_strategy():
-        from keras_gradtools.backends import tf_distribute
-
-        tf_distribute.apply(pipeline, grads, variables, weight)
-        return
-    if pipeline.settings.jit_compile and tf.executing_eagerly():
-        indices = tuple(pipeline.variable_indices(variables))
-        # A callable learning rate is called now, as Keras calls it on
-        # every apply, and its value passed in: traced, it would be frozen.
-        learning_rate = private_api.callable_learning_rate_value(
-            pipeline.hooks.learning_rate_owner()
-        )
-        _compiled_pipeline(pipeline)(
-            tuple(grads), indices, learning_rate, weight
-        )
-        return
-    pipeline.run(grads, variables, weight)
-
-
-def _compiled_pipeline(pipeline):
-    compiled = pipeline.compiled.get("eager")
-    if compiled is None:
-        hooks = pipeline.hooks
-
-        def run(grads, indices, learning_rate, weight):
-            variables = [pipeline.variables[i] for i in indices]
-            with private_api.feeding_learning_rate(
-                hooks.learning_rate_owner(), learning_rate
-            ):
-                pipeline.run(list(grads), variables, weight)
-
-        # No AutoGraph: the pipeline has no Python control flow on tensors
-        # (see `not_for_autograph`), and converting it warned about
-        # `importlib`'s `_gcd_import`.
-        compiled = tf.function(run, jit_compile=True, autograph=False)
-        pipeline.compiled["eager"] = compiled
-    return compiled
 
 
 def after(check, fn):

@@ -135,9 +135,10 @@ def samples_per_micro_batch(pipeline):
     return strategy.num_replicas_in_sync
 
 
-def apply(pipeline, grads, variables, weight=None):
-    """Runs one micro-batch (of count `weight`, or `None`) under the
-    strategy in scope."""
+def apply(pipeline, grads, indices, weight=None):
+    """Runs one micro-batch (of count `weight`, or `None`): the gradients
+    `grads` of the variables `indices` (build order), under the strategy in
+    scope."""
     strategy = tf.distribute.get_strategy()
     if pipeline.hooks.strategy is not strategy:
         raise ValueError(
@@ -154,9 +155,9 @@ def apply(pipeline, grads, variables, weight=None):
         )
     if tf.distribute.in_cross_replica_context():
         _refuse_weights(weight, "in cross-replica context")
-        _apply_in_cross_replica_context(pipeline, strategy, grads, variables)
+        _apply_in_cross_replica_context(pipeline, strategy, grads, indices)
         return
-    _apply_in_replica_context(pipeline, strategy, grads, variables, weight)
+    _apply_in_replica_context(pipeline, strategy, grads, indices, weight)
 
 
 def _refuse_weights(weight, where):
@@ -170,10 +171,9 @@ def _refuse_weights(weight, where):
         )
 
 
-def _apply_in_replica_context(pipeline, strategy, grads, variables, weight):
+def _apply_in_replica_context(pipeline, strategy, grads, indices, weight):
     context = tf.distribute.get_replica_context()
     replicas = strategy.num_replicas_in_sync
-    indices = pipeline.variable_indices(variables)
     if _handed_to_every_replica(context, grads):
         _refuse_weights(weight, "for gradients shared by every replica")
         _apply_global_gradient(pipeline, context, grads, indices)
@@ -292,10 +292,9 @@ def _apply_global_gradient(pipeline, context, grads, indices):
     )
 
 
-def _apply_in_cross_replica_context(pipeline, strategy, grads, variables):
+def _apply_in_cross_replica_context(pipeline, strategy, grads, indices):
     """Gradients computed outside `strategy.run`: the global micro-batch
     gradient, one sample per micro-batch, which replica 0 keeps."""
-    indices = pipeline.variable_indices(variables)
     accumulates = pipeline.settings.accumulates
 
     def local(grads):

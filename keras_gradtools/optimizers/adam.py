@@ -241,15 +241,13 @@ class Adam(GradientPipelineOptimizer):
         if switches is None:
             return 1 - beta, steps
         one_minus = ops.cast(1 - beta, dtype)
-        accumulator = self.pipeline.accumulator
-        base = float(self.initial_accumulation_steps)
-        ratio = ops.divide(
-            ops.cast(accumulator.current_cycle_steps(), dtype), base
-        )
+        update = self.current_update
+        base = float(update.initial_steps)
+        ratio = ops.divide(ops.cast(update.cycle_steps, dtype), base)
         log_beta = math.log(beta) if beta > 0 else -math.inf
         on = ops.greater(ops.convert_to_tensor(switches[name]), 0)
         moved = ops.negative(ops.expm1(ops.multiply(ratio, log_beta)))
-        samples = ops.divide(ops.cast(accumulator.micro_steps + 1, dtype), base)
+        samples = ops.divide(ops.cast(update.micro_steps + 1, dtype), base)
         return ops.where(on, moved, one_minus), ops.where(on, samples, steps)
 
     def build(self, variables):
@@ -288,24 +286,22 @@ class Adam(GradientPipelineOptimizer):
     def _weight_decay_factor_variable(self):
         return self._weight_decay_factor
 
-    def _step_scalars(self, learning_rate, dtype):
+    def _step_scalars(self, learning_rate, dtype, micro):
         """`(alpha, 1 - beta_1_eff, 1 - beta_2_eff)` of this update (the
-        same for every variable of `dtype`)."""
+        same for every variable of `dtype`); `micro`: whether the second
+        moment is formed from the micro-batches' variance."""
+        update = self.current_update
         lr = ops.cast(learning_rate, dtype)
-        local_step = ops.cast(self.iterations + 1, dtype)
-        if self._reads_micro_variance:
+        local_step = ops.cast(update.iterations + 1, dtype)
+        if micro:
             # The cycle's K micro-batches advance v by K steps; over all
             # updates so far, by every micro-batch seen (K may change).
             beta_2 = ops.power(
                 ops.cast(self.beta_2, dtype),
-                ops.cast(
-                    self.pipeline.accumulator.current_cycle_steps(), dtype
-                ),
+                ops.cast(update.cycle_steps, dtype),
             )
             one_minus_beta_2 = 1 - beta_2
-            second_moment_steps = ops.cast(
-                self.pipeline.accumulator.micro_steps + 1, dtype
-            )
+            second_moment_steps = ops.cast(update.micro_steps + 1, dtype)
         else:
             # A Python float, as in Keras: `1 - beta_2` then rounds once.
             one_minus_beta_2, second_moment_steps = self._decay_terms(
@@ -335,7 +331,9 @@ class Adam(GradientPipelineOptimizer):
         gradient = ops.cast(gradient, dtype)
         alpha, one_minus_beta_1, one_minus_beta_2 = self.once_per_update(
             ("adam", str(dtype)),
-            lambda: self._step_scalars(learning_rate, dtype),
+            lambda: self._step_scalars(
+                learning_rate, dtype, micro_batch_variance is not None
+            ),
         )
 
         if micro_batch_variance is None:

@@ -89,7 +89,6 @@ class GradientPipelineOptimizer(
             Pipeline(settings, PipelineHooks(self), backends.current()),
         )
         object.__setattr__(self, "_strategy", None)
-        object.__setattr__(self, "_roles", {})
         object.__setattr__(self, "_skipped_reported", 0)
         super().__init__(learning_rate=learning_rate, **kwargs)
 
@@ -354,7 +353,7 @@ class GradientPipelineOptimizer(
                 aggregation="only_first_replica",
                 name=name,
             )
-        self._roles[id(variable)] = role
+        self.record_variable_role(variable, role)
         return variable
 
     def add_variable_from_reference(
@@ -379,21 +378,6 @@ class GradientPipelineOptimizer(
             name=f"{path.replace('/', '_').replace(':', '_')}_{name}",
             layout=private_api.variable_layout(reference_variable),
         )
-
-    def variable_role(self, variable: keras.Variable) -> str | None:
-        """The role of one of this optimizer's variables in the saved
-        layout (`layout.ROLE_ORDER`), which orders `variables`.
-
-        Args:
-            variable: One of `optimizer.variables`.
-
-        Returns:
-            The role it was made with by the `make_state` hook (the
-            pipeline's state, e.g. `"accumulator"`, or a rule's, e.g. Adam's
-            `"beta_1_transfer"`), or `None` for Keras's own variables and
-            the rule's slots.
-        """
-        return self._roles.get(id(variable))
 
     # ------------------------------------------------------------------
     # Entry point.
@@ -444,13 +428,15 @@ class GradientPipelineOptimizer(
                     "state for the counts."
                 )
             self.weighted_accumulation = True
-        grads, variables = gradients.prepare(self, grads, trainable_variables)
+        pipeline = self._pipeline
+        grads, variables, indices = gradients.prepare(
+            self, pipeline, grads, trainable_variables
+        )
         if self.weighted_accumulation:
             count = ops.cast(
                 ops.convert_to_tensor(1.0 if count is None else count),
                 "float32",
             )
-        pipeline = self._pipeline
         guard = contextlib.nullcontext()
         if self.on_nonfinite == "raise":
             checked = grads if count is None else grads + [count]
@@ -458,8 +444,19 @@ class GradientPipelineOptimizer(
                 checked, variables, pipeline.accumulator.micro_steps.value
             )
         with guard, keras.name_scope(self.name, caller=self):
-            pipeline.backend.apply(pipeline, grads, variables, count)
+            backends.runner().apply(
+                pipeline,
+                grads,
+                indices,
+                count,
+                state=self._state_variables(),
+            )
         return self._iterations
+
+    def _state_variables(self):
+        """Every variable an update reads or writes: the optimizer's and
+        the model's (the JAX backend threads them through its branch)."""
+        return self.variables + list(private_api.trainable_variables(self))
 
     def stateless_apply(
         self,
@@ -534,14 +531,8 @@ class PipelineHooks:
     def make_state(self, name, **options):
         return self._optimizer._add_state(name, **options)
 
-    def apply_rule(self, grads, variables, variances, placement):
-        self._optimizer._apply_rule(grads, variables, variances, placement)
-
-    def gated(self, gate, fn):
-        self._optimizer._run_gated(gate, fn)
-
-    def assign(self, variable, value):
-        self._optimizer.assign(variable, value)
+    def apply_rule(self, update):
+        self._optimizer._apply_rule(update)
 
     @property
     def iterations(self):
@@ -555,19 +546,8 @@ class PipelineHooks:
     def strategy(self):
         return self._optimizer._strategy
 
-    def variable_index(self, variable):
-        return private_api.variable_index(self._optimizer, variable)
-
     def overwrites_with_gradient(self, variable):
         return private_api.overwrites_with_gradient(self._optimizer, variable)
-
-    def state_variables(self):
-        """Every variable an update reads or writes: the optimizer's and
-        the model's (JAX threads them through its branch)."""
-        optimizer = self._optimizer
-        return optimizer.variables + list(
-            private_api.trainable_variables(optimizer)
-        )
 
     def learning_rate_owner(self):
         return self._optimizer._learning_rate_owner()

@@ -11,11 +11,13 @@ from keras_gradtools.backends import private_api
 from keras_gradtools.transforms import sparse
 
 
-def prepare(optimizer, grads, trainable_variables):
-    """Returns `(grads, variables)` ready for `optimizer.pipeline`.
+def prepare(optimizer, pipeline, grads, trainable_variables):
+    """Returns `(grads, variables, indices)` ready for `pipeline`: the
+    gradients, their variables, and the variables' indices in build order.
 
     Args:
         optimizer: A `GradientPipelineOptimizer` (built here if it is not).
+        pipeline: The optimizer's `Pipeline`.
         grads: One gradient (or `None`) per variable.
         trainable_variables: The variables, or `None` for those the
             optimizer was built with.
@@ -47,15 +49,15 @@ def prepare(optimizer, grads, trainable_variables):
     grads, variables = private_api.filter_empty_gradients(
         optimizer, grads, variables
     )
-    pipeline = optimizer.pipeline
     rows = _accumulates_sparse_rows(pipeline)
     scale = optimizer.loss_scale_factor
     prepared = []
+    indices = []
     for grad, variable in zip(grads, variables):
         if not (rows and sparse.is_sparse(grad)):
             grad = pipeline.backend.densify(grad)
         _check_gradient_matches(grad, variable)
-        index = pipeline.hooks.variable_index(variable)
+        index = private_api.variable_index(optimizer, variable)
         if scale is not None and not pipeline.overwritten[index]:
             # Variables overwritten with their gradient take it as it is,
             # before unscaling (as in Keras).
@@ -63,7 +65,8 @@ def prepare(optimizer, grads, trainable_variables):
         if sparse.is_sparse(grad):
             grad = pipeline.backend.deduplicate(grad)
         prepared.append(grad)
-    return prepared, variables
+        indices.append(index)
+    return prepared, variables, indices
 
 
 def _accumulates_sparse_rows(pipeline):
@@ -74,7 +77,7 @@ def _accumulates_sparse_rows(pipeline):
         backend.backend() == "tensorflow"
         and settings.accumulates
         and not settings.clip_micro_batches
-        and pipeline.hooks.strategy is None
+        and pipeline.strategy is None
     )
 
 

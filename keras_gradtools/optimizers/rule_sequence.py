@@ -3,9 +3,10 @@ the weights' moving average -> constraints (Keras's order), and the gated
 writes that let the pipeline skip an update without a branch.
 
 `UpdateRuleSequence` is the part of `GradientPipelineOptimizer` that the
-pipeline reaches through the `apply_rule` and `gated` hooks. Every write
-goes through a placement (`pipeline/hooks.py`): the variables themselves,
-or every replica's copy under `tf.distribute`.
+pipeline reaches through its one `apply_rule` hook, with a `RuleUpdate`
+(`pipeline/hooks.py`) that carries everything the rule reads of the
+pipeline. Every write goes through the update's placement: the variables
+themselves, or every replica's copy under `tf.distribute`.
 """
 
 from keras import ops
@@ -18,42 +19,56 @@ class UpdateRuleSequence:
 
     A subclass implements `update_step` as for any Keras optimizer, writing
     through `self.assign*`; it may ask for scalars computed once per update
-    (not once per variable) with `once_per_update`.
+    (not once per variable) with `once_per_update`, and read the update's
+    counters from `current_update`.
     """
 
-    def _apply_rule(self, grads, variables, micro_variances, placement):
+    def _apply_rule(self, update):
         """Weight decay and the update rule for each variable, the weights'
-        moving average, then the variables' constraints."""
-        learning_rate = self._scaled_learning_rate()
+        moving average, then the variables' constraints: one `RuleUpdate`,
+        whose writes take effect only where its gate holds."""
+        learning_rate = self._scaled_learning_rate(update)
+        object.__setattr__(self, "_current_update", update)
+        object.__setattr__(self, "_update_gate", update.gate)
         object.__setattr__(self, "_update_scalars", {})
+        placement = update.placement
         try:
             for grad, variable, variance in zip(
-                grads, variables, micro_variances
+                update.gradients, update.variables, update.variances
             ):
                 placement.update(
                     variable,
                     lambda v, g, w: self._rule_step(g, v, learning_rate, w),
                     (grad, variance),
                 )
+            if self.use_ema:
+                self._update_moving_averages()
+            for variable in update.variables:
+                constraint = getattr(variable, "constraint", None)
+                if constraint is not None:
+                    placement.update(
+                        variable,
+                        lambda v, c=constraint: self.assign(v, c(v)),
+                    )
         finally:
             object.__setattr__(self, "_update_scalars", None)
-        if self.use_ema:
-            self._update_moving_averages()
-        for variable in variables:
-            constraint = getattr(variable, "constraint", None)
-            if constraint is not None:
-                placement.update(
-                    variable,
-                    lambda v, c=constraint: self.assign(v, c(v)),
-                )
+            object.__setattr__(self, "_update_gate", None)
+            object.__setattr__(self, "_current_update", None)
 
-    def _scaled_learning_rate(self):
+    @property
+    def current_update(self):
+        """The `RuleUpdate` being applied (`pipeline/hooks.py`), for
+        `update_step`: the update counter, the cycle's K and the
+        micro-batches seen, as the pipeline hands them over. `None` outside
+        an update."""
+        return getattr(self, "_current_update", None)
+
+    def _scaled_learning_rate(self, update):
         """The learning rate of this update: the rate (or its schedule's
-        value at `iterations`) times `learning_rate_factor`."""
+        value at `iterations`) times the update's `learning_rate_factor`."""
         learning_rate = self.learning_rate
-        accumulator = self.pipeline.accumulator
-        if accumulator is not None and accumulator.accumulates:
-            factor = ops.convert_to_tensor(accumulator.learning_rate_factor)
+        if update.learning_rate_factor is not None:
+            factor = ops.convert_to_tensor(update.learning_rate_factor)
             learning_rate = ops.multiply(
                 ops.cast(learning_rate, "float32"), factor
             )
@@ -136,7 +151,7 @@ class UpdateRuleSequence:
         raise NotImplementedError
 
     def _update_moving_averages(self):
-        iterations = private_api.iterations_variable(self)
+        iterations = self.current_update.iterations
         not_first = ops.not_equal(iterations, 0)
         pairs = [
             (variable, average)
@@ -166,23 +181,9 @@ class UpdateRuleSequence:
                 )
 
     # ------------------------------------------------------------------
-    # Gated writes: a skipped update leaves every variable unchanged.
-
-    def _run_gated(self, gate, fn):
-        """Runs `fn` so that its writes take effect only where `gate` holds.
-
-        Our own rules write through `self.assign*`, so a select per write
-        suffices: it fuses into the update and moves no extra bytes.
-        """
-        if gate is None:
-            fn()
-            return
-        previous = getattr(self, "_update_gate", None)
-        object.__setattr__(self, "_update_gate", gate)
-        try:
-            fn()
-        finally:
-            object.__setattr__(self, "_update_gate", previous)
+    # Gated writes: a skipped update leaves every variable unchanged. Our
+    # own rules write through `self.assign*`, so a select per write
+    # suffices: it fuses into the update and moves no extra bytes.
 
     def assign(self, variable, value):
         gate = getattr(self, "_update_gate", None)

@@ -24,16 +24,44 @@ class SavedState:
     order, `get_weights`/`set_weights`, `save_own_variables`,
     `load_own_variables` and the layout they check.
 
-    It asks the optimizer for `variable_role` (each variable's place in
-    the saved layout) and `pipeline`, and owns the state loaded before
-    `build` until `build` applies it.
+    It owns each variable's role in the saved layout (`variable_role`,
+    recorded when the variable is made) and the state loaded before `build`
+    until `build` applies it, and asks the optimizer for its `pipeline`.
     """
 
     def __init__(self, *args, **kwargs):
         # (saved layout, arrays) loaded before `build`, or `None`. Set
         # before Keras's `__init__`, as a plain attribute (not tracked).
         object.__setattr__(self, "_pending_state", None)
+        # id(variable) -> its role in the saved layout (`layout.ROLE_ORDER`).
+        object.__setattr__(self, "_roles", {})
         super().__init__(*args, **kwargs)
+
+    def variable_role(self, variable: keras.Variable) -> str | None:
+        """The role of one of this optimizer's variables in the saved
+        layout (`layout.ROLE_ORDER`), which orders `variables`.
+
+        Args:
+            variable: One of `optimizer.variables`.
+
+        Returns:
+            The role it was made with by the `make_state` hook (the
+            pipeline's state, e.g. `"accumulator"`, or a rule's, e.g. Adam's
+            `"beta_1_transfer"`), or `None` for Keras's own variables and
+            the rule's slots.
+        """
+        return self._roles.get(id(variable))
+
+    def record_variable_role(self, variable: keras.Variable, role: str) -> None:
+        """Gives one of this optimizer's variables its role in the saved
+        layout (`layout.ROLE_ORDER`), which places it in `variables`.
+        The `make_state` hook records the role of every variable it makes.
+
+        Args:
+            variable: A variable this optimizer created.
+            role: Its role, e.g. `"gradient_sum"`.
+        """
+        self._roles[id(variable)] = role
 
     @property
     def variables(self) -> list[keras.Variable]:

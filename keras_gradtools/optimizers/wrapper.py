@@ -112,21 +112,20 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
     def _learning_rate_owner(self):
         return self.inner_optimizer
 
-    def _scaled_learning_rate(self):
-        return self.learning_rate
-
-    def _apply_rule(self, grads, variables, micro_variances, placement):
-        del micro_variances
-        placement.apply_inner(self.inner_optimizer.apply, grads, variables)
-
-    def _run_gated(self, gate, fn):
+    def _apply_rule(self, update):
         # The inner optimizer writes its variables directly, so a skipped
-        # update must not run at all.
-        if gate is None:
-            fn()
+        # update must not run at all: a branch, not gated writes. Its
+        # learning rate is its own (`learning_rate_factor` is always 1).
+        def apply():
+            update.placement.apply_inner(
+                self.inner_optimizer.apply, update.gradients, update.variables
+            )
+
+        if update.gate is None:
+            apply()
         else:
-            pipeline = self.pipeline
-            pipeline.backend.run_if(gate, fn, pipeline.hooks.state_variables())
+            state = self.variables + list(private_api.trainable_variables(self))
+            self.pipeline.backend.run_if(update.gate, apply, state)
 
     def _layout(self):
         described = super()._layout()

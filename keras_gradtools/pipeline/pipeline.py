@@ -32,6 +32,7 @@ from keras_gradtools import transforms
 from keras_gradtools.pipeline import stages
 from keras_gradtools.pipeline.accumulator import GradientAccumulator
 from keras_gradtools.pipeline.hooks import LOCAL
+from keras_gradtools.pipeline.hooks import RuleUpdate
 from keras_gradtools.pipeline.statistics import GradientStatistics
 from keras_gradtools.transforms import sparse
 
@@ -56,6 +57,19 @@ class LocalHalf:
         if self.weight is None:
             return None
         return ops.greater(self.weight, 0.0)
+
+
+def gated_assign(variable, value, gate):
+    """`variable.assign(value)` where the scalar `gate` holds (always when
+    it is `None`); elsewhere the variable keeps its value. A select, not a
+    branch: it fuses into the update."""
+    if gate is not None:
+        value = ops.where(
+            gate,
+            ops.cast(value, variable.dtype),
+            ops.convert_to_tensor(variable),
+        )
+    variable.assign(value)
 
 
 def _and(a, b):
@@ -85,6 +99,8 @@ class Pipeline:
         # counter, what the rule reads, and the stages' state.
         self.variables = []
         self.iterations = None
+        # The `tf.distribute` strategy the optimizer was built under.
+        self.strategy = None
         self.reads_micro_variance = False
         self.accumulator = None
         self.statistics = None
@@ -105,6 +121,7 @@ class Pipeline:
         hooks = self.hooks
         self.variables = list(variables)
         self.iterations = hooks.iterations
+        self.strategy = hooks.strategy
         self.reads_micro_variance = hooks.reads_micro_variance
         self.overwritten = [
             hooks.overwrites_with_gradient(v) for v in variables
@@ -153,9 +170,6 @@ class Pipeline:
         """The indices of the variables Keras overwrites with their
         gradient (float8 scales)."""
         return [i for i, flag in enumerate(self.overwritten) if flag]
-
-    def variable_indices(self, variables):
-        return [self.hooks.variable_index(v) for v in variables]
 
     def enable_statistics(self, per_coordinate=False):
         """Switches the statistics on (see the optimizer's
@@ -224,10 +238,17 @@ class Pipeline:
     # ------------------------------------------------------------------
     # One device.
 
-    def run(self, grads, variables, weight=None):
-        """Consumes one micro-batch on one device (`weight`: its count,
-        with `weighted_accumulation`)."""
-        indices = self.variable_indices(variables)
+    def run(self, grads, indices, weight=None, state=()):
+        """Consumes one micro-batch on one device.
+
+        Args:
+            grads: The micro-batch gradients of the variables `indices`.
+            indices: The variables' indices in build order.
+            weight: With `weighted_accumulation`, the micro-batch's count.
+            state: Every variable an update may read or write (the
+                optimizer's and the model's): the JAX backend threads their
+                values through the branch that updates.
+        """
         grads, indices = self.overwrite_with_gradients(grads, indices)
         local = self.local_half(grads, indices, weight=weight)
         if not self.settings.accumulates:
@@ -242,9 +263,7 @@ class Pipeline:
             first, last, steps = local.flags
             self.accumulator.record_samples(first, 1)
             self.backend.run_if(
-                last,
-                lambda: self.finish_cycle(indices),
-                self.hooks.state_variables(),
+                last, lambda: self.finish_cycle(indices), list(state)
             )
             self.accumulator.advance(first, last, steps)
         self.accumulator.count_micro_step()
@@ -496,22 +515,40 @@ class Pipeline:
                 )
                 for q, g, c in zip(mean_squares, means, factors)
             ]
-        variables = [self.variables[i] for i in indices]
+        accumulator = self.accumulator
+        update = RuleUpdate(
+            gradients=clipped,
+            variables=[self.variables[i] for i in indices],
+            variances=variances,
+            gate=gate,
+            placement=placement,
+            iterations=self.iterations,
+            learning_rate_factor=(
+                accumulator.learning_rate_factor
+                if settings.accumulates
+                else None
+            ),
+            cycle_steps=(
+                accumulator.current_cycle_steps() if settings.accumulates else 1
+            ),
+            micro_steps=accumulator.micro_steps,
+            initial_steps=settings.accumulation_steps,
+        )
+        hooks.apply_rule(update)
 
-        def write():
-            hooks.apply_rule(clipped, variables, variances, placement)
-            if measured is not None:
-                self.statistics.record(hooks.assign, measured, sigma)
-            iterations = self.iterations
-            hooks.assign(
-                iterations,
-                ops.add(
-                    ops.convert_to_tensor(iterations),
-                    ops.ones((), iterations.dtype),
-                ),
-            )
+        def write(variable, value):
+            gated_assign(variable, value, gate)
 
-        hooks.gated(gate, write)
+        if measured is not None:
+            self.statistics.record(write, measured, sigma)
+        iterations = self.iterations
+        write(
+            iterations,
+            ops.add(
+                ops.convert_to_tensor(iterations),
+                ops.ones((), iterations.dtype),
+            ),
+        )
 
     @property
     def _update_reads_norms(self):

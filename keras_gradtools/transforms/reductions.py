@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from keras import ops
 
 from keras_gradtools import backends
+from keras_gradtools.backends.common import blocked_sum  # noqa: F401
 from keras_gradtools.types import TensorLike
 
 
@@ -25,31 +26,6 @@ def square_norms(tensors: Sequence[TensorLike]) -> list[TensorLike]:
     """Returns `[sum(t**2) for t in tensors]`, one float32 scalar each
     (summed as the backend sums squares fastest: `backends.square_sum`)."""
     return [backends.square_sum(t) for t in tensors]
-
-
-def blocked_sum(flat: TensorLike, width: int = 1024) -> TensorLike:
-    """Returns `sum(flat)` of a 1-D tensor as a matrix-vector product with
-    ones over rows of `width` elements, plus the remainder.
-
-    TensorFlow's XLA on CPU compiles a dot to an optimised library call
-    but a reduction fused with an elementwise producer (`sum(t**2)`) to a
-    slow scalar loop; this form reads the tensor at memory speed there.
-    Exact in the products (`x * 1`); the order of additions differs from a
-    plain sum by float32 rounding.
-    """
-    size = flat.shape[0]
-    if size is None:
-        # Unknown static length (e.g. the rows of a sparse gradient in a
-        # traced step): a plain sum.
-        return ops.sum(flat)
-    rows = size // width
-    if rows < 2:
-        return ops.sum(flat)
-    head = ops.reshape(flat[: rows * width], (rows, width))
-    result = ops.sum(ops.matmul(head, ops.ones((width,), dtype=flat.dtype)))
-    if rows * width < size:
-        result = result + ops.sum(flat[rows * width :])
-    return result
 
 
 def total(scalars: Sequence[TensorLike]) -> TensorLike:
