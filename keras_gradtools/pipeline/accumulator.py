@@ -45,7 +45,8 @@ class CycleSums(NamedTuple):
     finite micro-batches, the mean gradients, the gradient samples per
     micro-batch and whether the cycle's micro-batches agreed on it, the
     per-variable Σ|g|² (or `None`) and the per-coordinate mean squares (or
-    `None`)."""
+    `None`); and, where a mean is finite exactly when its sum is, the sums
+    themselves (else `None`), for the finite check."""
 
     count: Any
     means: list
@@ -53,6 +54,7 @@ class CycleSums(NamedTuple):
     valid: Any
     norm_sums: Any
     mean_squares: list | None
+    sums: list | None = None
 
 
 class GradientAccumulator:
@@ -383,13 +385,17 @@ class GradientAccumulator:
     # ------------------------------------------------------------------
     # Reading a finished cycle (cross-replica under a strategy: the sums).
 
-    def read_cycle(self, indices, mean_squares=False):
+    def read_cycle(self, indices, mean_squares=False, whole_count=True):
         """Everything the update reads of a finished cycle, in one call.
 
         Args:
             indices: The variables' indices.
             mean_squares: Whether to read the per-coordinate mean squares
                 (for a rule that reads the within-update variance).
+            whole_count: Whether the count is a whole number of
+                micro-batches (one device; under a strategy each replica
+                counts 1/R). Unweighted, a mean `G / n` with `n >= 1` is
+                then finite exactly when `G` is, and `sums` holds the `G`.
 
         Returns:
             A `CycleSums`.
@@ -397,6 +403,11 @@ class GradientAccumulator:
         count = self.total_count()
         samples, valid = self.cycle_samples_and_validity()
         return CycleSums(
+            sums=(
+                [self.gradient_sums[i] for i in indices]
+                if whole_count and not self.weighted
+                else None
+            ),
             count=count,
             means=self.means(indices, count),
             samples=samples,

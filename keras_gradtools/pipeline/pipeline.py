@@ -384,7 +384,9 @@ class Pipeline:
         sum adds up the replicas' copies.
         """
         accumulator = self.accumulator
-        sums = accumulator.read_cycle(indices, self.reads_micro_variance)
+        sums = accumulator.read_cycle(
+            indices, self.reads_micro_variance, whole_count=placement is LOCAL
+        )
         count, means, samples, valid = (
             sums.count,
             sums.means,
@@ -411,7 +413,16 @@ class Pipeline:
             # Finite micro-batches can still sum beyond float32's range
             # (two of 3e38): such a cycle is left out like a non-finite
             # micro-batch, and counted as one where the count is local.
-            sums_finite = stages.finite_check(means, partial_sums=mean_norms)
+            # Checked on the update's norms where it reads them, else on
+            # the sums where that is the same: a check of the means would
+            # make XLA write every mean out once for its two readers, the
+            # check and the update, instead of computing it inside the
+            # update (22 kernels fewer for 20 tensors, K=4 "macro",
+            # `benchmarks/compiled_kernels.py`).
+            checked = means
+            if mean_norms is None and sums.sums is not None:
+                checked = sums.sums
+            sums_finite = stages.finite_check(checked, partial_sums=mean_norms)
             if placement is LOCAL:
                 accumulator.count_skipped(
                     sums_finite, counted=ops.greater(count, 0)
