@@ -8,8 +8,10 @@ per tensor (a slice at a constant offset, a constant index) adds kernels
 with the tensor count; one written per shape does not. For each
 configuration this compiles `stateless_apply` for a model of 2N tensors
 of two shapes and counts the distinct fused computations in the optimized
-HLO (names and metadata removed), and times lowering plus compiling, for
-N = 10 and 30.
+HLO (names and metadata removed), the fused kernels it launches (identical
+ones each time), and times lowering plus compiling, for N = 10 and 30;
+Keras's Adam, with and without its accumulation, compiled the same way,
+for comparison.
 
     KERAS_BACKEND=jax python benchmarks/compiled_kernels.py [--markdown]
 """
@@ -20,7 +22,12 @@ import time
 
 CONFIGURATIONS = {
     "Adam K=1": {},
+    "Adam K=1 on_nonfinite=apply": {"on_nonfinite": "apply"},
     "Adam K=4 macro": {"accumulation_steps": 4},
+    "Adam K=4 macro on_nonfinite=apply": {
+        "accumulation_steps": 4,
+        "on_nonfinite": "apply",
+    },
     "Adam K=4 micro, clipnorm": {
         "accumulation_steps": 4,
         "second_moment": "micro",
@@ -34,6 +41,21 @@ CONFIGURATIONS = {
         "track_gradient_statistics": True,
     },
 }
+
+
+# Keras's own optimizers, compiled the same way, for comparison.
+KERAS_CONFIGURATIONS = {
+    "Keras Adam": {},
+    "Keras Adam(gradient_accumulation_steps=4)": {
+        "gradient_accumulation_steps": 4
+    },
+}
+
+
+def fused_kernel_instances(hlo_text):
+    """The number of fusion instructions (kernel launches, identical ones
+    counted each time) in the entry and branch computations."""
+    return len(re.findall(r" fusion\(", hlo_text))
 
 
 def distinct_fused_kernels(hlo_text):
@@ -52,12 +74,14 @@ def distinct_fused_kernels(hlo_text):
     return len(kernels)
 
 
-def compiled_update(layers, **kwargs):
-    """Compiles `kg.Adam(**kwargs).stateless_apply` for `2 * layers`
-    tensors of shapes (16, 16) and (16,) with `jax.jit`.
+def compiled_update(layers, keras_optimizer=False, **kwargs):
+    """Compiles `kg.Adam(**kwargs).stateless_apply` (with `keras_optimizer`,
+    `keras.optimizers.Adam(**kwargs)`'s) for `2 * layers` tensors of shapes
+    (16, 16) and (16,) with `jax.jit`.
 
     Returns:
-        `(distinct kernels, seconds to lower and compile)`.
+        `(distinct kernels, seconds to lower and compile, fused-kernel
+        instances)`.
     """
     import jax
     import keras
@@ -70,7 +94,10 @@ def compiled_update(layers, **kwargs):
         for _ in range(layers)
         for shape in ((16, 16), (16,))
     ]
-    optimizer = kg.Adam(1e-3, **kwargs)
+    if keras_optimizer:
+        optimizer = keras.optimizers.Adam(1e-3, **kwargs)
+    else:
+        optimizer = kg.Adam(1e-3, **kwargs)
     optimizer.build(variables)
     grads = [np.ones(v.shape, "float32") for v in variables]
 
@@ -88,7 +115,8 @@ def compiled_update(layers, **kwargs):
         .compile()
     )
     seconds = time.perf_counter() - start
-    return distinct_fused_kernels(compiled.as_text()), seconds
+    text = compiled.as_text()
+    return distinct_fused_kernels(text), seconds, fused_kernel_instances(text)
 
 
 def main(argv=None):
@@ -103,14 +131,23 @@ def main(argv=None):
     counts = [int(n) for n in args.layers.split(",")]
     header = ["configuration"]
     header += [f"kernels, {2 * n} tensors" for n in counts]
+    header += [f"fusions, {2 * n} tensors" for n in counts]
     header += [f"compile s, {2 * n} tensors" for n in counts]
     rows = []
-    for name, kwargs in CONFIGURATIONS.items():
-        measured = [compiled_update(n, **kwargs) for n in counts]
+    configurations = [
+        (f"ours {name}", False, kwargs)
+        for name, kwargs in CONFIGURATIONS.items()
+    ] + [(name, True, kwargs) for name, kwargs in KERAS_CONFIGURATIONS.items()]
+    for name, keras_optimizer, kwargs in configurations:
+        measured = [
+            compiled_update(n, keras_optimizer=keras_optimizer, **kwargs)
+            for n in counts
+        ]
         rows.append(
             [name]
-            + [str(kernels) for kernels, _ in measured]
-            + [f"{seconds:.1f}" for _, seconds in measured]
+            + [str(kernels) for kernels, _, _ in measured]
+            + [str(instances) for _, _, instances in measured]
+            + [f"{seconds:.1f}" for _, seconds, _ in measured]
         )
     if args.markdown:
         print("| " + " | ".join(header) + " |")

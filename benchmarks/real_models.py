@@ -10,15 +10,25 @@ Usage:
 
 Models (no weights are downloaded, every one is built from configuration):
 `keras.applications.MobileNetV3Small` and `ResNet50` at 32x32x3 with 10
-classes; when `keras_hub` is importable, a small BERT encoder classifier
-and a small Gemma causal LM with LoRA (rank 4) on its backbone (else they
-are skipped, with a line saying so); and an MLP of `Dense(16, tanh)`
-layers with each count of trainable tensors `--tensors` names (a sweep of
-the variable count, which tracing and compile time grow with).
+classes; when `keras_hub` is importable, a BERT encoder classifier and a
+Gemma causal LM with LoRA (rank 4) on its backbone, 12 layers deep and 64
+wide (else they are skipped, with a line saying so); and an MLP of
+`Dense(16, tanh)` layers with each count of trainable tensors `--tensors`
+names (a sweep of the variable count, which tracing and compile time grow
+with).
 
 Configurations: Keras's Adam; Keras's `Adam(gradient_accumulation_steps=4)`;
 ours `kg.Adam` K=1; K=4 "macro"; K=4 "micro"; K=4 "macro" with
-`global_clipnorm=1.0, noise_eta=0.01, track_gradient_statistics=True`.
+`global_clipnorm=1.0, noise_eta=0.01, track_gradient_statistics=True`;
+and, on JAX, `optax.MultiSteps(optax.adam(1e-3), 4)` in a custom loop (the
+model's `stateless_call`, `jax.value_and_grad` and the optax update in one
+`jax.jit` step with donated state, timed the same way).
+
+The KerasHub models need `keras-hub`, which pulls `tensorflow-text` and the
+full TensorFlow; install it without them:
+
+    pip install --no-deps keras-hub
+    pip install absl-py regex rich tokenizers kagglehub
 
 Each (model, configuration) runs in a fresh subprocess, so nothing compiled
 or imported is shared and its peak resident memory is its own: a first
@@ -61,7 +71,10 @@ CONFIGURATIONS = (
     "ours K=4 macro",
     "ours K=4 micro",
     "ours K=4 clip+noise+statistics",
+    "optax MultiSteps K=4",
 )
+# A custom JAX loop (optax has no `fit`): measured on JAX only.
+OPTAX = CONFIGURATIONS[-1]
 KERAS_ADAM = CONFIGURATIONS[0]
 KERAS_ACCUMULATION = CONFIGURATIONS[1]
 APPLICATIONS = ("mobilenetv3small", "resnet50")
@@ -70,6 +83,10 @@ DEFAULT_MODELS = APPLICATIONS + KERAS_HUB_MODELS
 DEFAULT_TENSORS = (50, 200, 500, 2000)
 WINDOW = 4  # micro-batches per steady window: one K=4 cycle
 BATCH = 32
+# The KerasHub models' depth (BERT-base's and Gemma-2B's order of tensor
+# count: 12 layers give the BERT classifier about 200 trainable tensors),
+# at a small width so that a CPU run takes minutes.
+LAYERS = 12
 
 
 def _optimizer(configuration):
@@ -129,7 +146,7 @@ def _build(name, steps):
     if name == "bert":
         backbone = keras_hub.models.BertBackbone(
             vocabulary_size=vocabulary,
-            num_layers=2,
+            num_layers=LAYERS,
             num_heads=2,
             hidden_dim=64,
             intermediate_dim=128,
@@ -147,7 +164,7 @@ def _build(name, steps):
     if name == "gemma_lora":
         backbone = keras_hub.models.GemmaBackbone(
             vocabulary_size=vocabulary,
-            num_layers=2,
+            num_layers=LAYERS,
             num_query_heads=2,
             num_key_value_heads=1,
             hidden_dim=64,
@@ -179,6 +196,9 @@ def run_one(name, configuration, windows):
 
     import keras
 
+    if configuration == OPTAX:
+        print("RESULT " + json.dumps(_run_optax(name, windows)), flush=True)
+        return
     keras.utils.set_random_seed(0)
     warmup = WINDOW  # one K=4 cycle after the first step
     steps = 1 + warmup + WINDOW * windows
@@ -232,6 +252,81 @@ def run_one(name, configuration, windows):
         * 1024,  # KiB on Linux
     }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _run_optax(name, windows):
+    """`run_one` for optax's `MultiSteps` in a custom JAX loop."""
+    import functools
+    import resource
+
+    import jax
+    import keras
+    import numpy as np
+    import optax
+
+    keras.utils.set_random_seed(0)
+    warmup = WINDOW
+    steps = 1 + warmup + WINDOW * windows
+    model, loss, x, y = _build(name, steps)
+    transform = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=4)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    state = transform.init(trainable)
+
+    def loss_of(trainable, non_trainable, x, y):
+        out, non_trainable = model.stateless_call(
+            trainable, non_trainable, x, training=True
+        )
+        return loss(y, out), non_trainable
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(trainable, non_trainable, state, x, y):
+        (value, non_trainable), grads = jax.value_and_grad(
+            loss_of, has_aux=True
+        )(trainable, non_trainable, x, y)
+        updates, state = transform.update(grads, state, trainable)
+        return (
+            value,
+            optax.apply_updates(trainable, updates),
+            (non_trainable),
+            state,
+        )
+
+    def batch(data, i):
+        if isinstance(data, dict):
+            return {k: v[i * BATCH : (i + 1) * BATCH] for k, v in data.items()}
+        return data[i * BATCH : (i + 1) * BATCH]
+
+    ends = []
+    start = time.perf_counter()
+    for i in range(steps):
+        value, trainable, non_trainable, state = step(
+            trainable, non_trainable, state, batch(x, i), batch(y, i)
+        )
+        jax.block_until_ready(value)
+        ends.append(time.perf_counter())
+    per_step = [
+        (ends[warmup + WINDOW * (w + 1)] - ends[warmup + WINDOW * w]) / WINDOW
+        for w in range(windows)
+    ]
+    return {
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "model": name,
+        "configuration": OPTAX,
+        "trainable_tensors": len(model.trainable_weights),
+        "parameters": int(model.count_params()),
+        "first_step_s": ends[0] - start,
+        "step_s": statistics.median(per_step),
+        "state_bytes": int(
+            sum(
+                int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+                for leaf in jax.tree_util.tree_leaves(state)
+            )
+        ),
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        * 1024,
+    }
 
 
 def measure(name, configuration, windows):
@@ -321,7 +416,11 @@ def main(argv=None):
         default=",".join(map(str, DEFAULT_TENSORS)),
         help="trainable-tensor counts of the MLP sweep (empty: none)",
     )
-    parser.add_argument("--configurations", default=",".join(CONFIGURATIONS))
+    parser.add_argument(
+        "--configurations",
+        default=None,
+        help="comma-separated (default: all; optax's on JAX only)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--windows",
@@ -346,7 +445,12 @@ def main(argv=None):
     unknown = set(models) - set(DEFAULT_MODELS)
     if unknown:
         parser.error(f"unknown models: {sorted(unknown)}")
-    configurations = args.configurations.split(",")
+    if args.configurations is None:
+        configurations = list(CONFIGURATIONS)
+        if os.environ.get("KERAS_BACKEND") != "jax":
+            configurations.remove(OPTAX)
+    else:
+        configurations = args.configurations.split(",")
     unknown = set(configurations) - set(CONFIGURATIONS)
     if unknown:
         parser.error(f"unknown configurations: {sorted(unknown)}")

@@ -56,6 +56,7 @@ BENCHMARKS = {
             "mlp50 (50)",
             "keras accumulation K=4",
             "ours K=4 clip+noise+statistics",
+            "optax MultiSteps K=4",
             "first step / keras acc",
             "peak RSS / keras adam",
         ],
