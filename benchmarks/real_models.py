@@ -105,6 +105,10 @@ def _mlp(tensors):
     """`tensors // 2` Dense layers (kernel and bias each) on 16 features."""
     import keras
 
+    # Keras walks a Sequential model's graph recursively, a few frames per
+    # layer: 1,000 layers pass Python's default limit of 1,000 frames.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * tensors + 1000))
+
     layers = [keras.Input((16,))]
     layers += [
         keras.layers.Dense(16, activation="tanh")
