@@ -9,7 +9,6 @@ import pytest
 from keras import ops
 
 from keras_gradtools import transforms
-from keras_gradtools.transforms import sparse
 
 
 def _np(x):
@@ -53,12 +52,3 @@ def test_blocked_sum_and_square_norms_of_large_tensors(rng, size):
     assert float(norm) == pytest.approx(
         float((flat.astype(np.float64) ** 2).sum()), rel=1e-6
     )
-
-
-@pytest.mark.tensorflow_only
-def test_sparse_rows_are_summed_before_accumulating():
-    values = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "float32")
-    summed, unique = sparse.deduplicate_rows(values, np.array([4, 1, 4]))
-    order = np.argsort(_np(unique))
-    np.testing.assert_array_equal(_np(unique)[order], [1, 4])
-    np.testing.assert_array_equal(_np(summed)[order], [[3.0, 4.0], [6.0, 8.0]])

@@ -151,12 +151,6 @@ def densify(gradient):
     return gradient
 
 
-def deduplicate(gradient):
-    """An `IndexedSlices` whose repeated rows are summed."""
-    values, indices = sparse.deduplicate_rows(gradient.values, gradient.indices)
-    return tf.IndexedSlices(values, indices, gradient.dense_shape)
-
-
 def restart_or_scatter_add(accumulator, values, indices, first, finite=None):
     """`accumulator = (0 if first else accumulator)` plus `values` at the
     rows `indices`, leaving out non-finite values: only the touched rows

@@ -1,7 +1,7 @@
 """What `apply` does to the gradients before the pipeline sees them: match
 them to the variables (building the optimizer on the first call), drop the
 empty ones as Keras does, check shapes and dtypes, unscale a scaled loss
-and densify or deduplicate sparse gradients."""
+and densify the sparse gradients that are not accumulated row by row."""
 
 import keras
 from keras import backend
@@ -62,21 +62,28 @@ def prepare(optimizer, pipeline, grads, trainable_variables):
             # Variables overwritten with their gradient take it as it is,
             # before unscaling (as in Keras).
             grad = sparse.map_values(grad, lambda g: g / scale)
-        if sparse.is_sparse(grad):
-            grad = pipeline.backend.deduplicate(grad)
         prepared.append(grad)
         indices.append(index)
     return prepared, variables, indices
 
 
 def _accumulates_sparse_rows(pipeline):
-    """Sparse gradients stay sparse only where they are accumulated row by
-    row (clipping each micro-batch needs them dense)."""
+    """Sparse gradients stay sparse only where only their sum is
+    accumulated, row by row: a scatter-add sums repeated rows as the dense
+    gradient would. Clipping each micro-batch, Σg² (Adam "micro",
+    per-coordinate statistics) and the squared norms of the statistics need
+    the dense gradient's values, which summing repeated rows first gave,
+    but inside a `fit` step compiled by XLA that summing took 2.3 s of a
+    2.7 s step on a 201-tensor BERT (`tf.unique`, and a static-shape sort
+    in its place alike; `benchmarks/real_models.py`, TensorFlow): there the
+    gradient is made dense instead."""
     settings = pipeline.settings
     return (
         backend.backend() == "tensorflow"
         and settings.accumulates
         and not settings.clip_micro_batches
+        and not settings.track_gradient_statistics
+        and not pipeline.keeps_square_sums
         and pipeline.strategy is None
     )
 

@@ -238,7 +238,7 @@ class GradientAccumulator:
         """Adds one micro-batch to the sums.
 
         Args:
-            grads: float32 gradients (dense, or deduplicated `IndexedSlices`
+            grads: float32 gradients (dense, or `IndexedSlices`
                 on TensorFlow).
             indices: Their variables' indices in build order.
             first: Whether this micro-batch starts the cycle (it overwrites

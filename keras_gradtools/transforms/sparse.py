@@ -24,23 +24,6 @@ def is_sparse(gradient: TensorLike) -> bool:
     return type(gradient).__name__ == "IndexedSlices"
 
 
-def deduplicate_rows(
-    values: TensorLike, indices: TensorLike
-) -> tuple[TensorLike, TensorLike]:
-    """Sums the rows of `values` that share an index.
-
-    Args:
-        values: The gradient rows, shape `(rows, ...)`.
-        indices: Their row indices in the variable, shape `(rows,)`.
-
-    Returns:
-        `(summed_values, unique_indices)`.
-    """
-    from keras_gradtools.backends import tf_sparse
-
-    return tf_sparse.deduplicate_rows(values, indices)
-
-
 def values_of(gradient: TensorLike) -> TensorLike:
     """The dense values of a gradient: the rows of an `IndexedSlices`, or
     the gradient itself."""
