@@ -83,7 +83,7 @@ def _accumulates_sparse_rows(pipeline):
         and settings.accumulates
         and not settings.clip_micro_batches
         and not settings.track_gradient_statistics
-        and not pipeline.keeps_square_sums
+        and not pipeline.accumulator.square_sums
         and pipeline.strategy is None
     )
 
