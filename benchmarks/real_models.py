@@ -7,6 +7,8 @@ Usage:
     KERAS_BACKEND=jax python benchmarks/real_models.py [--quick]
         [--models mobilenetv3small,resnet50,bert,gemma_lora]
         [--tensors 50,200,500,2000] [--rounds R] [--markdown] [--json PATH]
+        [--plot PNG]
+    python benchmarks/real_models.py --from-json PATH [--markdown] [--plot PNG]
 
 Models (no weights are downloaded, every one is built from configuration):
 `keras.applications.MobileNetV3Small` and `ResNet50` at 32x32x3 with 10
@@ -45,7 +47,11 @@ The configurations run one after the other for each model, the models one
 after the other, in each of R rounds (interleaved). Reported are ratios
 measured side by side in one run (median over rounds): to Keras's Adam, and
 for K=4 configurations also to Keras's accumulation. Absolute times go to
-`--json` only, for reference. Timings are never asserted. `--quick` (a CI
+`--json` only, for reference; `--plot` draws the MLP sweep (time to the
+first step against the trainable-tensor count, every configuration from
+the same run, and its ratio to Keras's), and `--from-json` prints the
+tables and draws the plot again from a saved `--json` without measuring.
+Timings are never asserted. `--quick` (a CI
 smoke test): the MLP at 50 tensors only, 1 round, one steady window; it
 prints `benchmark: ok` last.
 """
@@ -404,6 +410,77 @@ def _table(results, models, configurations, markdown):
     return report.format_table(header, rows, markdown)
 
 
+def _sweep(results):
+    """The MLP rows of `results`, ordered by tensor count."""
+    names = [n for n in results if n.startswith("mlp")]
+    return sorted(names, key=lambda n: int(n[3:]))
+
+
+def plot(results, path):
+    """Draws the MLP sweep of `results` to `path`: time to the first step
+    against the trainable-tensor count (log-log) for every configuration,
+    and each one's ratio to Keras's Adam (K=1) or Keras's accumulation
+    (K=4), medians over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = _sweep(results)
+    if len(names) < 2:
+        raise ValueError(
+            f"--plot needs at least two MLP tensor counts, got {names}"
+        )
+    tensors = [int(n[3:]) for n in names]
+    figure, (times, ratios) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for configuration in results[names[0]]:
+        seconds = [
+            statistics.median(
+                r["first_step_s"] for r in results[n][configuration]
+            )
+            for n in names
+        ]
+        style = "--" if configuration.startswith(("keras", "optax")) else "-"
+        times.plot(tensors, seconds, style, marker="o", label=configuration)
+        reference = KERAS_ACCUMULATION if "K=4" in configuration else KERAS_ADAM
+        if configuration in (KERAS_ADAM, KERAS_ACCUMULATION):
+            continue
+        if reference not in results[names[0]]:
+            continue
+        ratios.plot(
+            tensors,
+            [
+                statistics.median(
+                    a["first_step_s"] / b["first_step_s"]
+                    for a, b in zip(
+                        results[n][configuration], results[n][reference]
+                    )
+                )
+                for n in names
+            ],
+            style,
+            marker="o",
+            label=f"{configuration} / {reference}",
+        )
+    times.set(
+        xscale="log",
+        yscale="log",
+        xlabel="trainable tensors (MLP of Dense(16))",
+        ylabel="time to the first fit step (s)",
+    )
+    ratios.axhline(1.0, color="grey", linewidth=0.8)
+    ratios.set(
+        xscale="log",
+        xlabel="trainable tensors",
+        ylabel="first step, ratio to Keras's",
+    )
+    times.legend(fontsize=7)
+    ratios.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="benchmarks/real_models.py",
@@ -435,11 +512,25 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="draw the MLP sweep (needs two tensor counts or more)",
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        metavar="PATH",
+        help="report a saved --json run instead of measuring",
+    )
     args = parser.parse_args(argv)
     if args.one:
         name, configuration = args.one.split(":", 1)
         run_one(name, configuration, args.windows)
         return 0
+    if args.from_json:
+        return _report_saved(args)
     # Keras is imported by the children only (the backend and version
     # come from their results): the parent's import would cost seconds.
     models = [m for m in args.models.split(",") if m and m != "none"]
@@ -500,7 +591,30 @@ def main(argv=None):
                 indent=1,
             )
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
     print("benchmark: ok")
+    return 0
+
+
+def _report_saved(args):
+    with open(args.from_json) as f:
+        saved = json.load(f)
+    results = saved["results"]
+    models = list(results)
+    configurations = list(results[models[0]])
+    print(
+        f"backend: {saved['backend']}; keras {saved['keras']}; "
+        f"{saved['cpu']}, {saved['cores']} cores; micro-batch "
+        f"{saved['micro_batch']}; {saved['rounds']} round(s), "
+        f"{saved['windows']} steady window(s) of {WINDOW}; measured "
+        f"{saved['date']} (from {args.from_json})"
+    )
+    print(_table(results, models, configurations, args.markdown))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -179,3 +179,65 @@ def test_pipeline_route_is_downward_and_opens_each_file_at_most_twice():
             caller_file == "optimizers/adam.py"
             and callee == "optimizers/rule_sequence.py"
         ), (caller, callee, name)
+
+
+@pytest.mark.jax_only
+def test_real_models_reports_and_plots_a_saved_sweep(tmp_path):
+    """real_models.py --from-json: the ratios of a saved run (hand-written
+    times) and the sweep's plot, without measuring anything."""
+    import json
+
+    def row(tensors, first_step_s, step_s=0.01):
+        return {
+            "trainable_tensors": tensors,
+            "first_step_s": first_step_s,
+            "step_s": step_s,
+            "state_bytes": 1024,
+            "max_rss_bytes": 2**30,
+        }
+
+    results = {
+        f"mlp{n}": {
+            "keras adam": [row(n, 2.0 * scale)],
+            "keras accumulation K=4": [row(n, 4.0 * scale)],
+            "ours K=1": [row(n, 3.0 * scale)],
+            "ours K=4 macro": [row(n, 2.0 * scale)],
+        }
+        for n, scale in ((50, 1), (500, 5))
+    }
+    saved = tmp_path / "run.json"
+    saved.write_text(
+        json.dumps(
+            {
+                "backend": "jax",
+                "keras": "3",
+                "cpu": "cpu",
+                "cores": 2,
+                "micro_batch": 32,
+                "rounds": 1,
+                "windows": 1,
+                "date": "2026-12-07",
+                "results": results,
+            }
+        )
+    )
+    picture = tmp_path / "sweep.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "real_models.py"),
+            "--from-json",
+            str(saved),
+            "--plot",
+            str(picture),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "ours K=" in line]
+    # ours K=1 / keras adam = 3 / 2; ours K=4 macro / keras acc = 2 / 4.
+    assert len(lines) == 4 and all("1.50x" in x for x in lines[::2]), lines
+    assert all("0.50x" in line for line in lines[1::2]), lines
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
