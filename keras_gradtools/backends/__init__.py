@@ -55,7 +55,7 @@ def current():
 def runner():
     """Returns the module that runs the pipeline on the active backend
     (`tensorflow_apply` or `jax_apply`): its `apply(pipeline, grads,
-    indices, weight, state)`."""
+    indices, weight, state_variables)`."""
     check_supported()
     return importlib.import_module(
         f"keras_gradtools.backends.{keras.backend.backend()}_apply"

@@ -17,7 +17,7 @@ from keras_gradtools.backends import jax as jax_backend
 from keras_gradtools.backends import private_api
 
 
-def apply(pipeline, grads, indices, weight=None, state=()):
+def apply(pipeline, grads, indices, weight=None, state_variables=list):
     """Runs one micro-batch through `pipeline`: in place inside a stateless
     scope (`fit`, `stateless_apply`), else as a function of the variables'
     values whose results are written back.
@@ -27,9 +27,10 @@ def apply(pipeline, grads, indices, weight=None, state=()):
         grads: The gradients of the variables `indices` (build order).
         indices: The variables' indices.
         weight: The micro-batch's count, or `None`.
-        state: Every variable the update may read or write.
+        state_variables: Returns every variable the update may read or
+            write (the pipeline threads their values through its branches).
     """
-    state = list(state)
+    state = list(state_variables())
     if private_api.in_stateless_scope():
         pipeline.run(grads, indices, weight, state)
         return

@@ -10,17 +10,17 @@ import tensorflow as tf
 from keras_gradtools.backends import private_api
 
 
-def apply(pipeline, grads, indices, weight=None, state=()):
+def apply(pipeline, grads, indices, weight=None, state_variables=None):
     """Runs one micro-batch (of count `weight`, or `None`) through
     `pipeline`: the gradients `grads` of the variables `indices` (in build
-    order). `state` is for the JAX backend's branch; TensorFlow's branches
-    write variables in place and need no list of them.
+    order). `state_variables` is for the JAX backend's branches, and not
+    called: TensorFlow's branches write variables in place.
 
     Under a `tf.distribute` strategy, in replica or cross-replica context,
     the halves of `tf_distribute` run it; eagerly with `jit_compile=True`,
     one XLA-compiled function; otherwise it is traced (or run) in place.
     """
-    del state
+    del state_variables
     if tf.distribute.has_strategy():
         from keras_gradtools.backends import tf_distribute
 

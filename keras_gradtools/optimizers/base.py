@@ -449,7 +449,7 @@ class GradientPipelineOptimizer(
                 grads,
                 indices,
                 count,
-                state=self._state_variables(),
+                state_variables=self._state_variables,
             )
         return self._iterations
 

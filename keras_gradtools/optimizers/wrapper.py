@@ -124,8 +124,7 @@ class GradientPipelineWrapper(GradientPipelineOptimizer):
         if update.gate is None:
             apply()
         else:
-            state = self.variables + list(private_api.trainable_variables(self))
-            self.pipeline.backend.run_if(update.gate, apply, state)
+            self.pipeline.backend.run_if(update.gate, apply, update.state)
 
     def _layout(self):
         described = super()._layout()

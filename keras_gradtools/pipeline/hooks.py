@@ -26,6 +26,7 @@ state: the rule never calls back into the pipeline.
 """
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 from typing import Protocol
 
@@ -48,6 +49,9 @@ class RuleUpdate:
         cycle_steps: The cycle's K (scalar int32; 1 without accumulation).
         micro_steps: The micro-batches counted before this one (a variable).
         initial_steps: The K the optimizer was created with (K0).
+        state: Every variable the update may read or write (the
+            optimizer's and the model's), for a rule that branches on
+            `gate`: the JAX backend threads their values through the branch.
     """
 
     gradients: list
@@ -60,6 +64,7 @@ class RuleUpdate:
     cycle_steps: Any = 1
     micro_steps: Any = None
     initial_steps: int = 1
+    state: Sequence = ()
 
 
 class UpdateRuleHooks(Protocol):

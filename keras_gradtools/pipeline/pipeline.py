@@ -258,12 +258,15 @@ class Pipeline:
                 count=1.0,
                 gate=_and(local.finite, local.weighs),
                 mean_norms=local.norms,
+                state=state,
             )
         else:
             first, last, steps = local.flags
             self.accumulator.record_samples(first, 1)
             self.backend.run_if(
-                last, lambda: self.finish_cycle(indices), list(state)
+                last,
+                lambda: self.finish_cycle(indices, state=state),
+                list(state),
             )
             self.accumulator.advance(first, last, steps)
         self.accumulator.count_micro_step()
@@ -377,11 +380,11 @@ class Pipeline:
             return self.accumulator.square_norm_sums is not None
         return self._update_reads_norms
 
-    def finish_cycle(self, indices, placement=LOCAL):
+    def finish_cycle(self, indices, placement=LOCAL, state=()):
         """The update at the end of a cycle, from the accumulated sums.
 
         Under a strategy this runs in cross-replica context, where reading a
-        sum adds up the replicas' copies.
+        sum adds up the replicas' copies. `state` is as in `run`.
         """
         accumulator = self.accumulator
         sums = accumulator.read_cycle(
@@ -439,6 +442,7 @@ class Pipeline:
             mean_squares=mean_squares,
             valid=valid,
             placement=placement,
+            state=state,
         )
         accumulator.finish()
 
@@ -477,6 +481,7 @@ class Pipeline:
         mean_squares=None,
         valid=True,
         placement=LOCAL,
+        state=(),
     ):
         """One optimizer update from the cycle's mean gradients.
 
@@ -494,6 +499,7 @@ class Pipeline:
                 read the within-update variance (Adam "micro").
             valid: Whether the sums form one cycle at one batch size.
             placement: Where the rule writes (`LOCAL`, or every replica).
+            state: As in `run`, for a rule that branches on `gate`.
         """
         if not indices:
             return
@@ -544,6 +550,7 @@ class Pipeline:
             ),
             micro_steps=accumulator.micro_steps,
             initial_steps=settings.accumulation_steps,
+            state=state,
         )
         hooks.apply_rule(update)
 
