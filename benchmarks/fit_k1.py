@@ -11,7 +11,12 @@ compiled model, timed per epoch in interleaved rounds after a warm-up:
 - `ours check without fallback` (a diagnosis, patched in this process
   only, after the models above are built): the check's sum per tensor
   without the exact fallback that runs under a conditional when the sum
-  overflows.
+  overflows;
+- `ours gate off` (a diagnosis, patched while that one model is built and
+  compiled, with the default check): the check is computed (and counted)
+  as by default, but the rule's writes no longer wait for it (not a valid
+  configuration: it measures what the update's dependence on the check
+  costs, as against the check's reductions themselves).
 
     KERAS_BACKEND=jax python benchmarks/fit_k1.py [--rounds R] [--markdown]
 
@@ -26,6 +31,7 @@ CONFIGURATIONS = (
     "keras adam",
     "ours",
     "ours on_nonfinite=apply",
+    "ours gate off",
     "ours check without fallback",
 )
 WIDTH = 4400  # 64 -> 4400 -> 4400 -> 10: 19,694,410 parameters
@@ -46,6 +52,27 @@ def _without_fallback():
         return ops.isfinite(reductions.total(partial_sums))
 
     transforms.all_finite = all_finite
+
+
+def _gate_off():
+    """The rule's writes no longer wait for the finite check (diagnosis
+    only: a non-finite gradient would then be applied). Returns a function
+    that undoes the patch (models compiled meanwhile keep it)."""
+    import dataclasses
+
+    from keras_gradtools.optimizers import base
+
+    apply_rule = base.GradientPipelineOptimizer._apply_rule
+
+    def apply_rule_ungated(self, update):
+        apply_rule(self, dataclasses.replace(update, gate=None))
+
+    base.GradientPipelineOptimizer._apply_rule = apply_rule_ungated
+
+    def restore():
+        base.GradientPipelineOptimizer._apply_rule = apply_rule
+
+    return restore
 
 
 def _model(configuration, x, y, width):
@@ -96,7 +123,12 @@ def main(argv=None):
     for configuration in CONFIGURATIONS:
         if configuration == "ours check without fallback":
             _without_fallback()
+        restore = None
+        if configuration == "ours gate off":
+            restore = _gate_off()
         models[configuration] = _model(configuration, x, y, width)
+        if restore is not None:
+            restore()
     times = {c: [] for c in CONFIGURATIONS}
     for round_ in range(args.rounds):
         shift = round_ % len(CONFIGURATIONS)

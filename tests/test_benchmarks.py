@@ -51,6 +51,7 @@ BENCHMARKS = {
             "keras adam",
             "ours on_nonfinite=apply",
             "ours check without fallback",
+            "ours gate off",
         ],
         "real_models.py": [
             "mlp50 (50)",
