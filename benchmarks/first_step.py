@@ -14,11 +14,17 @@ that process only:
   longer waits for it (not a valid configuration: it measures what the
   dependence of every write on the check costs).
 
+With `--rounds R` the configurations run R times, interleaved, and each
+is reported as the median (min-max) of its ratio to the first one within
+a round.
+
     KERAS_BACKEND=tensorflow python benchmarks/first_step.py [--markdown]
+        [--rounds R] [--configurations A,B,...]
 """
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -128,7 +134,11 @@ def main(argv=None):
         help="a 6-layer MLP, Keras's Adam and ours K=1 (a smoke test)",
     )
     parser.add_argument("--hidden-layers", type=int, default=60)
-    parser.add_argument("--configurations", default=",".join(CONFIGURATIONS))
+    parser.add_argument(
+        "--configurations",
+        default=",".join(CONFIGURATIONS),
+    )
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
     if args.one:
         run_one(args.one, args.hidden_layers)
@@ -136,25 +146,39 @@ def main(argv=None):
     import keras
 
     configurations = args.configurations.split(",")
+    unknown = set(configurations) - set(CONFIGURATIONS)
+    if unknown:
+        parser.error(f"unknown configurations: {sorted(unknown)}")
     if args.quick:
         args.hidden_layers = 5
         configurations = [CONFIGURATIONS[0], CONFIGURATIONS[2]]
-    rows = [(c, *measure(c, args.hidden_layers)) for c in configurations]
-    reference = rows[0][1]
+    times = {c: [] for c in configurations}
+    for _ in range(args.rounds):
+        for configuration in configurations:
+            times[configuration].append(
+                measure(configuration, args.hidden_layers)
+            )
+    reference = [first for first, _ in times[configurations[0]]]
     layers = args.hidden_layers + 1
     print(
         f"backend: {keras.backend.backend()}; {layers}-layer MLP, "
-        f"{2 * layers} tensors"
+        f"{2 * layers} tensors; {args.rounds} interleaved round(s)"
     )
     if args.markdown:
         print("| configuration | first step (s) | vs first row | second (s) |")
         print("| --- | ---: | ---: | ---: |")
-    for name, first, second in rows:
-        ratio = first / reference
+    for name in configurations:
+        firsts = [first for first, _ in times[name]]
+        ratios = [a / b for a, b in zip(firsts, reference)]
+        first = statistics.median(firsts)
+        second = statistics.median(second for _, second in times[name])
+        ratio = f"{statistics.median(ratios):.2f}x"
+        if args.rounds > 1:
+            ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
         if args.markdown:
-            print(f"| {name} | {first:.1f} | {ratio:.2f}x | {second:.3f} |")
+            print(f"| {name} | {first:.1f} | {ratio} | {second:.3f} |")
         else:
-            print(f"{name:32s} {first:7.1f} s  {ratio:5.2f}x  {second:.3f} s")
+            print(f"{name:32s} {first:7.1f} s  {ratio}  {second:.3f} s")
     print("benchmark: ok")
 
 
