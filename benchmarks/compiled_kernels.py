@@ -28,6 +28,12 @@ CONFIGURATIONS = {
         "accumulation_steps": 4,
         "on_nonfinite": "apply",
     },
+    "Adam K=4 micro": {"accumulation_steps": 4, "second_moment": "micro"},
+    "Adam K=4 micro on_nonfinite=apply": {
+        "accumulation_steps": 4,
+        "second_moment": "micro",
+        "on_nonfinite": "apply",
+    },
     "Adam K=4 micro, clipnorm": {
         "accumulation_steps": 4,
         "second_moment": "micro",
