@@ -433,7 +433,9 @@ def plot(results, path):
         )
     tensors = [int(n[3:]) for n in names]
     figure, (times, ratios) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for configuration in results[names[0]]:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, configuration in enumerate(results[names[0]]):
+        color = colors[number % len(colors)]
         seconds = [
             statistics.median(
                 r["first_step_s"] for r in results[n][configuration]
@@ -441,7 +443,14 @@ def plot(results, path):
             for n in names
         ]
         style = "--" if configuration.startswith(("keras", "optax")) else "-"
-        times.plot(tensors, seconds, style, marker="o", label=configuration)
+        times.plot(
+            tensors,
+            seconds,
+            style,
+            color=color,
+            marker="o",
+            label=configuration,
+        )
         reference = KERAS_ACCUMULATION if "K=4" in configuration else KERAS_ADAM
         if configuration in (KERAS_ADAM, KERAS_ACCUMULATION):
             continue
@@ -459,6 +468,7 @@ def plot(results, path):
                 for n in names
             ],
             style,
+            color=color,
             marker="o",
             label=f"{configuration} / {reference}",
         )
