@@ -1,6 +1,32 @@
 """The optimizer configurations the first-step benchmarks compare, by
 name: Keras's Adam, Keras's accumulation and ours (first_step.py,
-real_models.py)."""
+real_models.py); and the "gate off" diagnosis they and fit_k1.py share."""
+
+
+def ungate_updates():
+    """Diagnosis only: the rule's writes no longer wait for the finite
+    check (which is still computed and counted), so a non-finite gradient
+    would be applied. Patches ours in this process; models compiled while
+    the patch holds keep it.
+
+    Returns:
+        A function that undoes the patch.
+    """
+    import dataclasses
+
+    from keras_gradtools.optimizers import base
+
+    apply_rule = base.GradientPipelineOptimizer._apply_rule
+
+    def apply_rule_ungated(self, update):
+        apply_rule(self, dataclasses.replace(update, gate=None))
+
+    base.GradientPipelineOptimizer._apply_rule = apply_rule_ungated
+
+    def restore():
+        base.GradientPipelineOptimizer._apply_rule = apply_rule
+
+    return restore
 
 
 def adam_optimizer(configuration, noise_eta=1e-3):

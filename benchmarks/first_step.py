@@ -59,7 +59,6 @@ def _diagnostic_patch(configuration):
     from keras import ops
 
     from keras_gradtools import transforms
-    from keras_gradtools.optimizers import base
 
     if configuration.endswith("finite check fused"):
 
@@ -70,14 +69,7 @@ def _diagnostic_patch(configuration):
 
         transforms.all_finite = all_finite
     if configuration.endswith("gate off"):
-        import dataclasses
-
-        apply_rule = base.GradientPipelineOptimizer._apply_rule
-
-        def apply_rule_ungated(self, update):
-            apply_rule(self, dataclasses.replace(update, gate=None))
-
-        base.GradientPipelineOptimizer._apply_rule = apply_rule_ungated
+        configurations.ungate_updates()
 
 
 class _CompileLog:

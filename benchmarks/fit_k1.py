@@ -27,6 +27,8 @@ import argparse
 import statistics
 import time
 
+import configurations
+
 CONFIGURATIONS = (
     "keras adam",
     "ours",
@@ -52,27 +54,6 @@ def _without_fallback():
         return ops.isfinite(reductions.total(partial_sums))
 
     transforms.all_finite = all_finite
-
-
-def _gate_off():
-    """The rule's writes no longer wait for the finite check (diagnosis
-    only: a non-finite gradient would then be applied). Returns a function
-    that undoes the patch (models compiled meanwhile keep it)."""
-    import dataclasses
-
-    from keras_gradtools.optimizers import base
-
-    apply_rule = base.GradientPipelineOptimizer._apply_rule
-
-    def apply_rule_ungated(self, update):
-        apply_rule(self, dataclasses.replace(update, gate=None))
-
-    base.GradientPipelineOptimizer._apply_rule = apply_rule_ungated
-
-    def restore():
-        base.GradientPipelineOptimizer._apply_rule = apply_rule
-
-    return restore
 
 
 def _model(configuration, x, y, width):
@@ -125,7 +106,7 @@ def main(argv=None):
             _without_fallback()
         restore = None
         if configuration == "ours gate off":
-            restore = _gate_off()
+            restore = configurations.ungate_updates()
         models[configuration] = _model(configuration, x, y, width)
         if restore is not None:
             restore()
