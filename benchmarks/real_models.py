@@ -362,15 +362,19 @@ def measure(name, configuration, windows):
     )
 
 
-def _ratio(mine, reference, metric):
+def _median_ratio(mine, reference, metric):
     """Median over rounds of `metric` of `mine` / that of `reference` in
-    the same round, formatted ("-" without a reference)."""
-    if not reference:
-        return "-"
-    value = statistics.median(
+    the same round."""
+    return statistics.median(
         a[metric] / b[metric] for a, b in zip(mine, reference)
     )
-    return f"{value:.2f}x"
+
+
+def _ratio(mine, reference, metric):
+    """`_median_ratio`, formatted ("-" without a reference)."""
+    if not reference:
+        return "-"
+    return f"{_median_ratio(mine, reference, metric):.2f}x"
 
 
 def _table(results, models, configurations, markdown):
@@ -459,11 +463,10 @@ def plot(results, path):
         ratios.plot(
             tensors,
             [
-                statistics.median(
-                    a["first_step_s"] / b["first_step_s"]
-                    for a, b in zip(
-                        results[n][configuration], results[n][reference]
-                    )
+                _median_ratio(
+                    results[n][configuration],
+                    results[n][reference],
+                    "first_step_s",
                 )
                 for n in names
             ],
